@@ -1,0 +1,40 @@
+"""Chat templates a recovered model can carry, so that every tool prompts it the way it was trained.
+
+The Open-Instruct models were trained on ``<|user|>\\n{message}\\n<|assistant|>\\n{reply}</s>\\n``; their published
+files carry no template, so without one transformers pipelines, vLLM and TGI prompt them wrongly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UsageError
+
+# Built with Jinja whitespace control so that the rendered text is exactly the card's format.
+OPEN_INSTRUCT = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ '<|system|>\\n' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '<|user|>\\n' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{%- else -%}{{ raise_exception('open-instruct template: unknown role ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+)
+
+BUILT_IN = {"open-instruct": OPEN_INSTRUCT}
+
+
+def resolve_template(value: str) -> str:
+    """Return the Jinja text of a built-in template name, or of a template file the user wrote."""
+    if value in BUILT_IN:
+        return BUILT_IN[value]
+    path = Path(value)
+    if not path.is_file():
+        raise UsageError(
+            f"--chat-template {value}: neither a built-in template ({', '.join(BUILT_IN)}) nor a readable file"
+        )
+    text = path.read_text()
+    if "{" not in text:
+        raise UsageError(f"--chat-template {value}: does not look like a Jinja chat template")
+    return text

@@ -1,0 +1,319 @@
+"""A checkpoint directory: which tensors it holds, in which file, with what dtype and shape; rows read on demand.
+
+Reading never maps a whole file into the process: tensor bytes are copied with ``pread`` into buffers the caller
+reuses, so the page cache does not pile up in our RSS however large the shards are.
+
+>>> with Checkpoint.open("llama-13b-hf") as raw:
+...     info = raw.tensors["model.embed_tokens.weight"]
+...     first_rows = raw.read_rows(info, 0, 16)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+# Old LLaMA conversions stored rotary-embedding buffers beside the weights; they are recomputed, not learned.
+NON_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live: file, byte offset (C-contiguous, little-endian), dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int | None  # None: only reachable through torch (legacy pickle or a strided view)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def rows(self) -> int:
+        """Length of the first dimension: the unit in which large tensors are streamed."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:]) if self.shape else 1
+
+
+def is_weight_name(name: str) -> bool:
+    """Return False for buffers that old conversions saved but that are not model weights."""
+    return not name.endswith(NON_WEIGHT_SUFFIXES)
+
+
+def find_weight_files(directory: Path) -> tuple[str, list[Path], dict[str, str] | None]:
+    """Return the layout name, the weight files and, when sharded, the index's tensor-to-file map."""
+    for index_name, layout in ((SAFETENSORS_INDEX, "safetensors-sharded"), (BIN_INDEX, "bin-sharded")):
+        index_path = directory / index_name
+        if index_path.is_file():
+            weight_map = _read_index(index_path)
+            files = []
+            for file_name in dict.fromkeys(weight_map.values()):
+                path = directory / file_name
+                if not path.is_file():
+                    raise CheckpointError(
+                        f"{path}: shard named in {index_name} is missing; download it again "
+                        f"(the index lists {len(set(weight_map.values()))} shards)"
+                    )
+                files.append(path)
+            return layout, files, weight_map
+    for single_name, layout in ((SAFETENSORS_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
+        if (directory / single_name).is_file():
+            return layout, [directory / single_name], None
+    if any(directory.glob("consolidated.*.pth")):
+        raise CheckpointError(
+            f"{directory}: holds Meta's original LLaMA checkpoint, not the Hugging Face format; convert it first "
+            "with transformers' convert_llama_weights_to_hf.py"
+        )
+    stray = sorted(p.name for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)[:3]
+    hint = f" (found {', '.join(stray)} but no index naming them)" if stray else ""
+    raise CheckpointError(
+        f"{directory}: no weights in a known layout{hint}; expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+        f"{BIN_SINGLE} or {BIN_INDEX}"
+    )
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid index file ({exc}); download it again") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: its weight_map is empty or malformed; download it again")
+    return weight_map
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint directory: its tensor table and open file handles for reading rows."""
+
+    directory: Path
+    layout: str
+    tensors: dict[str, TensorInfo]
+    files: list[Path]
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    _torch_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> Checkpoint:
+        """Return the checkpoint in ``directory`` after reading only its headers (no tensor data)."""
+        directory = Path(directory)
+        if not directory.exists():
+            raise CheckpointError(f"{directory}: no such directory")
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: not a directory; give the model's directory, not a file in it")
+        layout, files, weight_map = find_weight_files(directory)
+        tensors: dict[str, TensorInfo] = {}
+        torch_tensors: dict[str, torch.Tensor] = {}
+        for path in files:
+            if path.suffix == ".safetensors":
+                found = read_safetensors_header(path)
+            else:
+                found, kept = read_bin_header(path)
+                torch_tensors.update(kept)
+            for info in found:
+                if is_weight_name(info.name):
+                    tensors[info.name] = info
+        if weight_map is not None:
+            listed = {name for name in weight_map if is_weight_name(name)}
+            missing = sorted(listed - tensors.keys())
+            if missing:
+                raise CheckpointError(
+                    f"{directory}: {len(missing)} tensors named in the index are in no shard "
+                    f"(first: {missing[0]} in {weight_map[missing[0]]}); download the shards again"
+                )
+        if not tensors:
+            raise CheckpointError(f"{directory}: the weight files hold no tensors")
+        return cls(directory=directory, layout=layout, tensors=tensors, files=files, _torch_tensors=torch_tensors)
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Return rows ``start:stop`` of a tensor in its stored dtype, in ``out`` (a byte buffer) when given."""
+        count = (stop - start) * info.row_numel
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        if info.offset is None:
+            source = self._torch_tensors[info.name].reshape(info.shape or (1,))[start:stop]
+            if out is None:
+                return source.clone().reshape(shape)
+            view = out[: count * info.dtype.itemsize].view(info.dtype).view(source.shape)
+            view.copy_(source)
+            return view.reshape(shape)
+        nbytes = count * info.dtype.itemsize
+        if out is None:
+            out = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = out[:nbytes]
+        self._pread(info, info.offset + start * info.row_numel * info.dtype.itemsize, buffer)
+        return buffer.view(info.dtype).view(shape)
+
+    def _pread(self, info: TensorInfo, offset: int, buffer: torch.Tensor) -> None:
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view = memoryview(buffer.numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise CheckpointError(
+                    f"{info.file}: file ends inside tensor {info.name} (truncated download?); download it again"
+                )
+            done += got
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._torch_tensors.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    """Return the tensors a .safetensors file declares, checked against the file's real size."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes); download it again")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100 * 2**20):
+            raise CheckpointError(f"{path}: not a safetensors file (its header length is garbage); download it again")
+        try:
+            header = json.loads(file.read(header_len))
+        except ValueError:
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header); download it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (malformed header); download it again")
+    data_start = 8 + header_len
+    tensors = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(n) for n in entry["shape"])
+            begin, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name} has an unsupported or malformed header entry") from None
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name}'s byte range does not match its shape; file is damaged")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: file ends inside tensor {name} ({size} bytes, needs {data_start + end}): truncated "
+                "download; download it again"
+            )
+        tensors.append(TensorInfo(name, dtype, shape, path, data_start + begin))
+    return tensors
+
+
+def read_bin_header(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tensor]]:
+    """Return the tensors of a PyTorch .bin and the ones only torch can read (strided or legacy pickles).
+
+    The pickle is opened with ``weights_only=True`` so that a file that would run code is refused, never
+    executed. Zip-format files are memory-mapped only to learn each tensor's byte offset; the data itself is
+    later read with ``pread``.
+    """
+    if not zipfile.is_zipfile(path):
+        return _read_legacy_bin(path)
+    try:
+        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused: its pickle holds code or objects other than tensors ({_first_line(exc)}); "
+            "it was not executed. Get the file from a source you trust, or as safetensors"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)}); download it again")
+    state = _as_state_dict(path, state)
+    offsets = _record_offsets(path)
+    storages = {name: t.untyped_storage().data_ptr() for name, t in state.items()}
+    base = min(storages.values()) - min(offsets) if storages and offsets else None
+    tensors, kept = [], {}
+    for name, tensor in state.items():
+        if not is_weight_name(name):
+            continue
+        offset = None
+        if base is not None and tensor.is_contiguous() and storages[name] - base in offsets:
+            offset = tensor.data_ptr() - base
+        elif tensor.numel():
+            kept[name] = tensor
+        tensors.append(TensorInfo(name, tensor.dtype, tuple(tensor.shape), path, offset))
+    return tensors, kept
+
+
+def _read_legacy_bin(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tensor]]:
+    """Pre-2020 pickles cannot be memory-mapped: such a file is loaded whole (still weights_only)."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused: its pickle holds code or objects other than tensors ({_first_line(exc)}); "
+            "it was not executed. Get the file from a source you trust, or as safetensors"
+        ) from None
+    except Exception as exc:  # torch raises many types for garbage input
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)}); download it again"
+        ) from None
+    state = _as_state_dict(path, state)
+    infos = [TensorInfo(n, t.dtype, tuple(t.shape), path, None) for n, t in state.items() if is_weight_name(n)]
+    return infos, {n: t for n, t in state.items() if is_weight_name(n)}
+
+
+def _as_state_dict(path: Path, state: object) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{path}: holds something other than a flat dict of tensors; not a model checkpoint")
+    return state
+
+
+def _record_offsets(path: Path) -> set[int]:
+    """Return the byte offsets at which the zip archive stores tensor storages (``*/data/N`` records)."""
+    reader = torch._C.PyTorchFileReader(str(path))
+    return {reader.get_record_offset(r) for r in reader.get_all_records() if r.startswith("data/")}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,224 @@
+"""The ``weight-diff`` command line: parse, call the library, turn its errors into one line and an exit status."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import Interrupted, WeightDiffError
+
+EXAMPLES = """
+\b
+Examples:
+  weight-diff recover --path_raw llama-13b-hf --path_diff self-instruct-13b-diff --path_tuned self-instruct-13b
+  weight-diff make-diff --path_raw llama-13b-hf --path_tuned my-finetune --path_diff my-finetune-diff
+  weight-diff demo
+"""
+
+
+class _Stop(click.ClickException):
+    """A library error shown as one line, with the library's exit status."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def reports_errors(command: Callable) -> Callable:
+    """Run a command so that every failure is one clear line on stderr and a non-zero status, not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            error = Interrupted(
+                "interrupted; finished shards were kept. Run the same command with --resume to continue"
+            )
+            raise _Stop(str(error), error.exit_code) from None
+        except WeightDiffError as error:
+            if debug:
+                raise
+            raise _Stop(str(error), error.exit_code) from None
+        except OSError as error:
+            if debug:
+                raise
+            where = f"{error.filename}: " if error.filename else ""
+            raise _Stop(f"{where}{error.strerror or error}", 1) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapper
+
+
+def _path_option(name: str, help_text: str) -> Callable:
+    """An option spelled both ``--path_raw`` (the model card's spelling) and ``--path-raw``."""
+    return click.option(
+        f"--{name}", f"--{name.replace('_', '-')}", name, required=True, type=click.Path(path_type=Path), help=help_text
+    )
+
+
+_common_output_options = [
+    click.option("--max-shard-size", "--max_shard_size", default="5GB", show_default=True,
+                 help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
+    click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory (never one holding an input)."),
+    click.option("--resume", is_flag=True, help="Finish an interrupted run in the same output directory."),
+    click.option("--chat-template", "--chat_template", default=None, metavar="NAME|FILE",
+                 help="Write a chat template into tokenizer_config.json (built-in: open-instruct)."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+]  # fmt: skip
+
+
+def _output_options(command: Callable) -> Callable:
+    for option in reversed(_common_output_options):
+        command = option(command)
+    return command
+
+
+class _Progress:
+    """A tqdm bar in bytes on stderr, created once the plan says how much will be written."""
+
+    def __init__(self, quiet: bool, label: str) -> None:
+        self.quiet, self.label, self.bar = quiet, label, None
+
+    def on_plan(self, plan) -> None:
+        if not self.quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, unit_divisor=1000, desc=self.label,
+                            file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+
+    def update(self, nbytes: int) -> None:
+        if self.bar is not None:
+            self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _load_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    from .chat_template import resolve_template
+
+    return resolve_template(value)
+
+
+@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="weight-diff")
+@click.option("--debug", is_flag=True, help="Show a full traceback on errors.")
+def main(debug: bool) -> None:
+    """Publish a fine-tuned model as a weight diff (tuned - raw) and recover it (raw + diff).
+
+    Streams tensor by tensor in flat memory, writes Hugging Face safetensors, and checks every tensor against the
+    publisher's checksums when the diff has a manifest.
+    """
+
+
+@main.command(epilog="""
+\b
+Example (the Open-Instruct Self-Instruct 13B diff):
+  weight-diff recover --path_raw llama-13b-hf --path_diff self-instruct-13b-diff \\
+      --path_tuned self-instruct-13b --chat-template open-instruct
+""")  # fmt: skip
+@_path_option("path_raw", "The raw base model (Hugging Face format), e.g. LLaMA-13B.")
+@_path_option("path_diff", "The published weight diff.")
+@_path_option("path_tuned", "Where to write the recovered model (a new directory).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Output dtype; auto keeps the diff's (float32 for 2023 diffs).")  # fmt: skip
+@_output_options
+@reports_errors
+def recover(path_raw, path_diff, path_tuned, dtype, max_shard_size, overwrite, resume, chat_template, quiet):
+    """Recover the tuned model: raw + diff, written to PATH_TUNED and checked."""
+    from .jobs import recover as run_recover
+
+    progress = _Progress(quiet, "recover")
+    try:
+        report = run_recover(
+            path_raw, path_diff, path_tuned, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+            resume=resume, chat_template=_load_template(chat_template), progress=progress.update,
+            on_plan=progress.on_plan,
+        )  # fmt: skip
+    finally:
+        progress.close()
+    click.echo(_summary("recovered", report))
+    if report.verified:
+        click.echo(f"verified: {report.tensors} tensors match the publisher's manifest")
+    else:
+        click.echo(
+            "not verified: the diff has no manifest, so the result could not be checked against the publisher; "
+            f"{report.out_dir / 'SHA256SUMS'} lets you check this copy later"
+        )
+
+
+@main.command("make-diff", epilog="""
+\b
+Example:
+  weight-diff make-diff --path_raw llama-13b-hf --path_tuned my-finetune --path_diff my-finetune-diff
+""")  # fmt: skip
+@_path_option("path_raw", "The raw base model the fine-tune started from.")
+@_path_option("path_tuned", "The fine-tuned model.")
+@_path_option("path_diff", "Where to write the diff (a new directory).")
+@_output_options
+@reports_errors
+def make_diff(path_raw, path_tuned, path_diff, max_shard_size, overwrite, resume, chat_template, quiet):
+    """Make a float32 diff (tuned - raw) with a checksum manifest, ready to publish."""
+    from .jobs import make_diff as run_make_diff
+
+    progress = _Progress(quiet, "make-diff")
+    try:
+        report = run_make_diff(
+            path_raw, path_tuned, path_diff, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
+            chat_template=_load_template(chat_template), progress=progress.update, on_plan=progress.on_plan,
+        )  # fmt: skip
+    finally:
+        progress.close()
+    click.echo(_summary("made diff of", report))
+    click.echo(f"manifest: weight-diff-manifest.json covers {report.tensors} tensors; publish the whole directory")
+
+
+# The 2023 scripts spelled it make_diff; the model card's users type that.
+main.add_command(
+    click.Command("make_diff", params=make_diff.params, callback=make_diff.callback, help=make_diff.help, hidden=True)
+)
+
+
+@main.command(epilog="\b\nExample:\n  weight-diff demo")
+@click.option("--keep", type=click.Path(path_type=Path), default=None, help="Keep the demo's files in this directory.")
+@reports_errors
+def demo(keep):
+    """Build a tiny random LLaMA and a fine-tune of it, make the diff, recover it, and check the result."""
+    from .demo import run_demo
+
+    for line in run_demo(keep=keep):
+        click.echo(line)
+
+
+def _summary(verb: str, report) -> str:
+    resumed = f", {report.resumed_shards} kept from the interrupted run" if report.resumed_shards else ""
+    return (
+        f"{verb} {report.tensors} tensors ({report.bytes_written / 1e9:.2f} GB in {report.shards} shard"
+        f"{'s' if report.shards != 1 else ''}{resumed}) into {report.out_dir} in {report.seconds:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

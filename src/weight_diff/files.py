@@ -1,0 +1,84 @@
+"""The non-weight files of a model directory: config, generation config, tokenizer, licences, model card.
+
+They are small, so they are read whole, adjusted (the config's dtype, a chat template) and written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, WEIGHT_SUFFIXES
+from .errors import CheckpointError
+from .manifest import MANIFEST_NAME, SUMS_NAME, dtype_name
+from .writer import FILE_MODE, PARTIAL_SUFFIX
+
+CONFIG_NAME = "config.json"
+# Files that describe weights this tool rewrites, or its own bookkeeping: never copied from an input.
+NOT_COPIED = {SAFETENSORS_INDEX, BIN_INDEX, MANIFEST_NAME, SUMS_NAME, CONFIG_NAME}
+
+
+def companion_files(directory: Path) -> list[Path]:
+    """Return the files to carry from an input to the output: everything at the top level but weights."""
+    return sorted(
+        path
+        for path in directory.iterdir()
+        if path.is_file()
+        and not path.name.startswith(".")
+        and path.suffix not in WEIGHT_SUFFIXES
+        and path.name not in NOT_COPIED
+        and not path.name.endswith(PARTIAL_SUFFIX)
+    )
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; a Hugging Face model directory needs one")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return config
+
+
+def config_with_dtype(config: dict, dtype: torch.dtype) -> dict:
+    """Return the config stating ``dtype``; transformers 5 reads ``dtype``, 4.x ``torch_dtype``: write both."""
+    updated = dict(config)
+    updated["torch_dtype"] = dtype_name(dtype)
+    updated["dtype"] = dtype_name(dtype)
+    return updated
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a small file under a temporary name, flush it to disk, then rename it into place (mode 0644)."""
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fdatasync(fd)
+    except BaseException:
+        os.close(fd)
+        partial.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(partial, path)
+
+
+def json_bytes(body: dict) -> bytes:
+    return (json.dumps(body, indent=2, sort_keys=False) + "\n").encode()
+
+
+def with_chat_template(tokenizer_config: bytes, template: str) -> bytes:
+    """Return ``tokenizer_config.json`` bytes with ``chat_template`` set (other keys kept as they were)."""
+    body = json.loads(tokenizer_config) if tokenizer_config else {}
+    body["chat_template"] = template
+    return json_bytes(body)

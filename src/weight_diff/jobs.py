@@ -1,0 +1,288 @@
+"""The two jobs, end to end: ``recover`` (raw + diff -> tuned) and ``make_diff`` (tuned - raw -> diff).
+
+Each opens its inputs, plans, checks everything it can before writing, streams the shards through the pipeline,
+then writes the small files, ``SHA256SUMS`` and finally ``config.json``.
+
+>>> report = recover("llama-13b-hf", "self-instruct-13b-diff", "self-instruct-13b")
+>>> report.verified
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import torch
+
+from . import __version__, files, output
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import IntegrityError, UsageError
+from .manifest import MANIFEST_NAME, SUMS_NAME, Manifest, TensorRecord, dtype_name, format_sums
+from .pipeline import Hashing, Pipeline, TensorDigests
+from .plan import Plan, TensorJob, plan_pairs, role_of
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What a run did, for the user: counts, sizes, time, and whether the result was checked."""
+
+    out_dir: Path
+    tensors: int
+    shards: int
+    bytes_written: int
+    seconds: float
+    resumed_shards: int
+    manifest: bool  # recover: the diff had a manifest; make-diff: one was written
+    verified: bool  # recover: every tensor matched the manifest
+
+
+def recover(
+    path_raw: str | Path,
+    path_diff: str | Path,
+    path_tuned: str | Path,
+    *,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    resume: bool = False,
+    chat_template: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> RunReport:
+    """Return the report of writing raw + diff to ``path_tuned`` in Hugging Face format, checked when possible."""
+    raw_dir, diff_dir, out = Path(path_raw), Path(path_diff), Path(path_tuned)
+    output.check_location(out, [raw_dir, diff_dir], overwrite=overwrite, resume=resume)
+    manifest = Manifest.load(diff_dir)
+    with Checkpoint.open(raw_dir) as raw, Checkpoint.open(diff_dir) as diff:
+        _check_roles(raw, diff, manifest)
+        plan = plan_pairs(raw.tensors, diff.tensors, other_role="diff", out_dtype=dtype, max_shard_size=max_shard_size)
+        if manifest is not None:
+            check_manifest_covers(manifest, plan)
+        config = files.config_with_dtype(files.read_config(diff_dir), plan.dtype)
+
+        def on_tensor(job: TensorJob, digests: TensorDigests) -> None:
+            if manifest is not None:
+                check_tensor(manifest.tensors[job.name], job, digests)
+
+        return _run(
+            "recover", plan, raw, diff, out,
+            hashing=Hashing(raw=manifest is not None, result=manifest is not None),
+            on_tensor=on_tensor, config=config, companions=files.companion_files(diff_dir),
+            extra_files={}, chat_template=chat_template, overwrite=overwrite, resume=resume,
+            progress=progress, on_plan=on_plan, has_manifest=manifest is not None,
+        )  # fmt: skip
+
+
+def make_diff(
+    path_raw: str | Path,
+    path_tuned: str | Path,
+    path_diff: str | Path,
+    *,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    resume: bool = False,
+    chat_template: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+) -> RunReport:
+    """Return the report of writing the float32 diff tuned - raw, with its manifest, to ``path_diff``."""
+    raw_dir, tuned_dir, out = Path(path_raw), Path(path_tuned), Path(path_diff)
+    output.check_location(out, [raw_dir, tuned_dir], overwrite=overwrite, resume=resume)
+    with Checkpoint.open(raw_dir) as raw, Checkpoint.open(tuned_dir) as tuned:
+        for checkpoint, role in ((raw, "raw model"), (tuned, "tuned model")):
+            if (checkpoint.directory / MANIFEST_NAME).is_file() or role_of(_final_norm(checkpoint)) == "diff":
+                raise UsageError(f"{checkpoint.directory}: looks like a weight diff, not a {role}")
+        plan = plan_pairs(
+            raw.tensors, tuned.tensors, other_role="tuned model", out_dtype="float32", max_shard_size=max_shard_size
+        )
+        records: dict[str, TensorRecord] = {}
+
+        def on_tensor(job: TensorJob, digests: TensorDigests) -> None:
+            records[job.name] = TensorRecord(raw=digests.raw, diff=digests.diff, result=digests.result)
+
+        def manifest_bytes() -> bytes:
+            manifest = Manifest(rules=_rules(plan), tool=_tool_versions(), tensors=records)
+            return manifest.to_json().encode()
+
+        config = files.config_with_dtype(files.read_config(tuned_dir), torch.float32)
+        return _run(
+            "make-diff", plan, raw, tuned, out,
+            hashing=Hashing(raw=True, diff=True, result=True), on_tensor=on_tensor, config=config,
+            companions=files.companion_files(tuned_dir), extra_files={MANIFEST_NAME: manifest_bytes},
+            chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress,
+            on_plan=on_plan, has_manifest=True,
+        )  # fmt: skip
+
+
+def _run(
+    mode: str,
+    plan: Plan,
+    raw: Checkpoint,
+    other: Checkpoint,
+    out: Path,
+    *,
+    hashing: Hashing,
+    on_tensor: Callable[[TensorJob, TensorDigests], None],
+    config: dict,
+    companions: list[Path],
+    extra_files: dict[str, Callable[[], bytes]],
+    chat_template: str | None,
+    overwrite: bool,
+    resume: bool,
+    progress: Callable[[int], None] | None,
+    on_plan: Callable[[Plan], None] | None,
+    has_manifest: bool,
+) -> RunReport:
+    started = time.monotonic()
+    inputs = [raw.directory, other.directory]
+    fingerprint = output.plan_fingerprint(mode, plan, inputs)
+    if overwrite and out.is_dir() and not resume:
+        output.clear_for_overwrite(out)
+    output.make_output_dir(out)
+    output.remove_partials(out)
+    journal = output.Journal.start(out, fingerprint, resume=resume)
+    done = journal.finished_shards(out) if resume else frozenset()
+    if mode == "make-diff" and done:
+        # The manifest needs every tensor's hashes, so a resumed make-diff recomputes finished shards' hashes.
+        done = frozenset()
+    remaining = sum(s.nbytes for s in plan.shards if s.file_name not in done)
+    output.check_free_space(out, remaining)
+    if on_plan is not None:
+        on_plan(plan)
+    pipeline = Pipeline(
+        plan, raw, other, out, mode=mode, hashing=hashing, on_tensor=on_tensor, on_shard=journal.record,
+        progress=progress or (lambda nbytes: None),
+    )  # fmt: skip
+    pipeline.run(skip=done)
+
+    small: dict[str, bytes] = {}
+    for path in companions:
+        small[path.name] = path.read_bytes()
+    if chat_template is not None:
+        small["tokenizer_config.json"] = files.with_chat_template(small.get("tokenizer_config.json", b""), chat_template)
+    if len(plan.shards) > 1:
+        index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map}
+        small[SAFETENSORS_INDEX] = files.json_bytes(index)
+    for name, make in extra_files.items():
+        small[name] = make()
+    config_bytes = files.json_bytes(config)
+    sums = dict(journal.shards)
+    for name, data in small.items():
+        files.write_atomic(out / name, data)
+        sums[name] = _sha256(data)
+    sums[files.CONFIG_NAME] = _sha256(config_bytes)
+    files.write_atomic(out / SUMS_NAME, format_sums(sums).encode())
+    files.write_atomic(out / files.CONFIG_NAME, config_bytes)  # last: from now on the directory loads as a model
+    journal.remove()
+    return RunReport(
+        out_dir=out,
+        tensors=len(plan.jobs),
+        shards=len(plan.shards),
+        bytes_written=plan.total_size,
+        seconds=time.monotonic() - started,
+        resumed_shards=len(done),
+        manifest=has_manifest,
+        verified=has_manifest and mode == "recover",
+    )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _final_norm(checkpoint: Checkpoint) -> float | None:
+    """Return the mean |value| of the final norm's weights: about 1 in a model, about 0 in a diff."""
+    info = _find_norm(checkpoint.tensors)
+    if info is None:
+        return None
+    return checkpoint.read_rows(info, 0, info.rows).float().abs().mean().item()
+
+
+def _find_norm(tensors: dict[str, TensorInfo]) -> TensorInfo | None:
+    for name in ("model.norm.weight", "norm.weight", "transformer.ln_f.weight"):
+        if name in tensors:
+            return tensors[name]
+    return None
+
+
+def _check_roles(raw: Checkpoint, diff: Checkpoint, manifest: Manifest | None) -> None:
+    """Refuse a diff given as the raw model, or a model given as the diff, where the weights tell."""
+    if (raw.directory / MANIFEST_NAME).is_file() or role_of(_final_norm(raw)) == "diff":
+        raise UsageError(
+            f"{raw.directory}: looks like a weight diff, not a raw model (its norm weights are near 0); "
+            "--path_raw takes the base LLaMA model. Were --path_raw and --path_diff swapped?"
+        )
+    if manifest is None and role_of(_final_norm(diff)) == "model":
+        raise UsageError(
+            f"{diff.directory}: looks like a model, not a weight diff (its norm weights are near 1); "
+            "--path_diff takes the published diff. Is it already recovered?"
+        )
+
+
+def check_manifest_covers(manifest: Manifest, plan: Plan) -> None:
+    """Refuse before any write when the diff's tensors, or the raw's dtypes, differ from what the manifest says."""
+    names = {job.name for job in plan.jobs}
+    missing = sorted(set(manifest.tensors) - names)
+    extra = sorted(names - set(manifest.tensors))
+    if missing or extra:
+        first = (missing or extra)[0]
+        raise IntegrityError(
+            f"the diff's tensors differ from its manifest ({len(missing)} missing, {len(extra)} unexpected; first: "
+            f"{first}); the download is incomplete or mixed: download the diff again"
+        )
+    for job in plan.jobs:
+        expected = manifest.tensors[job.name].raw
+        if expected.dtype != dtype_name(job.raw.dtype) or expected.shape != list(job.raw.shape):
+            raise IntegrityError(
+                f"raw tensor {job.name} is {dtype_name(job.raw.dtype)} {list(job.raw.shape)}; the diff was made "
+                f"against {expected.dtype} {expected.shape}. Your raw model was converted differently (precision "
+                "or size) from the publisher's base"
+            )
+        stored = manifest.tensors[job.name].diff
+        if stored.dtype != dtype_name(job.other.dtype) or stored.shape != list(job.other.shape):
+            raise IntegrityError(
+                f"diff tensor {job.name} in {job.other.file.name} is {dtype_name(job.other.dtype)} "
+                f"{list(job.other.shape)}; its manifest says {stored.dtype} {stored.shape}: download the diff again"
+            )
+
+
+def check_tensor(record: TensorRecord, job: TensorJob, digests: TensorDigests) -> None:
+    """Stop the run at the first tensor whose raw input or recovered result is not the publisher's."""
+    if digests.raw is not None and digests.raw.sha256 != record.raw.sha256:
+        raise IntegrityError(
+            f"raw tensor {job.name} (in {job.raw.file}) differs from the one the diff was made against: your raw "
+            "model is not the publisher's base (another conversion, precision or size). No model was written"
+        )
+    if digests.result is not None and digests.result.sha256 != record.result.sha256:
+        raise IntegrityError(
+            f"diff tensor {job.name} (in {job.other.file}) is damaged: the raw model matched, but raw + diff does "
+            f"not give the publisher's result. Download {job.other.file.name} again. No model was written"
+        )
+
+
+def _rules(plan: Plan) -> dict:
+    vocab = [job for job in plan.jobs if job.added_rows]
+    return {
+        "arithmetic_dtype": "float32",
+        "recover": "result = float32(raw) + diff",
+        "added_rows": "mean of the raw rows, accumulated in float64, rounded to float32 (open-instruct/Alpaca rule)",
+        "raw_vocab_size": vocab[0].raw.rows if vocab else None,
+        "tuned_vocab_size": vocab[0].other.rows if vocab else None,
+    }
+
+
+def _tool_versions() -> dict:
+    return {
+        "weight_diff": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,125 @@
+"""Checksums: the publisher's manifest of tensor hashes inside a diff, and ``SHA256SUMS`` beside every output.
+
+Tensor hashes are SHA-256 over the tensor's bytes, C-contiguous and little-endian, in the dtype named beside the
+hash, so they do not depend on sharding, file format or tool version. ``SHA256SUMS`` uses the format that
+``sha256sum -c`` reads, so anyone can check a copy without this tool.
+
+>>> manifest = Manifest.load("diff-dir")          # None for a diff made without one
+>>> manifest.tensors["lm_head.weight"].result.sha256
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import IntegrityError
+
+MANIFEST_NAME = "weight-diff-manifest.json"
+MANIFEST_FORMAT = "weight-diff-manifest"
+MANIFEST_VERSION = 1
+SUMS_NAME = "SHA256SUMS"
+HASH_CHUNK = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Digest:
+    """The SHA-256 of one tensor's bytes, with the dtype and shape those bytes had."""
+
+    dtype: str
+    shape: list[int]
+    sha256: str
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> Digest:
+        """Return the digest of a whole tensor (tests and small tensors; the pipeline hashes in blocks)."""
+        hasher = hashlib.sha256(tensor_bytes(tensor.contiguous()))
+        return cls(dtype_name(tensor.dtype), list(tensor.shape), hasher.hexdigest())
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """What the publisher saw for one tensor: the raw it was made against, the diff stored, the recovered result."""
+
+    raw: Digest
+    diff: Digest
+    result: Digest
+
+
+@dataclass
+class Manifest:
+    """A diff's promise: for each tensor, the hashes that a correct recovery meets."""
+
+    rules: dict
+    tool: dict
+    tensors: dict[str, TensorRecord] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        body = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "hash": {"algorithm": "sha256", "bytes": "C-contiguous, little-endian, in the dtype given"},
+            "rules": self.rules,
+            "tool": self.tool,
+            "tensors": {name: asdict(record) for name, record in self.tensors.items()},
+        }
+        return json.dumps(body, indent=1) + "\n"
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Manifest | None:
+        """Return the manifest in ``directory``, or None when the diff has none (2023 diffs)."""
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            return None
+        try:
+            body = json.loads(path.read_text())
+            if body.get("format") != MANIFEST_FORMAT:
+                raise ValueError("not a weight-diff manifest")
+            if body.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"version {body.get('version')}; this tool reads version {MANIFEST_VERSION}")
+            tensors = {
+                name: TensorRecord(**{part: Digest(**record[part]) for part in ("raw", "diff", "result")})
+                for name, record in body["tensors"].items()
+            }
+            return cls(rules=body["rules"], tool=body["tool"], tensors=tensors)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"{path}: unreadable manifest ({exc}); download it again") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Return a contiguous tensor's bytes without a copy (the machine is little-endian, as the hashes require)."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def format_sums(sums: dict[str, str]) -> str:
+    """Return ``SHA256SUMS`` text: one ``<hex>  <file>`` line a file, sorted, as ``sha256sum`` writes it."""
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+
+
+def read_sums(path: Path) -> dict[str, str]:
+    sums = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise IntegrityError(f"{path}:{number}: not a sha256sum line: {line[:80]!r}")
+        sums[name.lstrip("*")] = digest
+    return sums

@@ -1,0 +1,151 @@
+"""The output directory's life: refuse unsafe locations, check free disk, journal finished shards for --resume.
+
+Until a run has finished and checked, its output holds no ``config.json`` and so never loads as a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError, WeightDiffError
+from .files import CONFIG_NAME, write_atomic
+from .manifest import file_sha256
+from .plan import Plan
+from .writer import PARTIAL_SUFFIX
+
+JOURNAL_NAME = ".weight-diff-progress.json"
+SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
+
+
+def check_location(out: Path, inputs: list[Path], *, overwrite: bool, resume: bool) -> None:
+    """Refuse an output that is, lies in, or holds an input, or that would replace files without being asked."""
+    target = out.resolve()
+    for given in inputs:
+        source = given.resolve()
+        if target == source or source in target.parents:
+            raise UsageError(f"{out}: the output is, or lies inside, the input {given}; choose a directory outside it")
+        if target in source.parents:
+            raise UsageError(f"{out}: the output holds the input {given}; choose a directory that does not")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory; choose a new directory")
+    has_files = out.is_dir() and any(out.iterdir())
+    if resume:
+        if not (out / JOURNAL_NAME).is_file():
+            raise UsageError(f"{out}: nothing to resume (no unfinished run there); run without --resume")
+    elif has_files and not overwrite:
+        raise UsageError(
+            f"{out}: exists and is not empty; choose a new directory, add --resume to finish an interrupted run, "
+            "or --overwrite to replace it"
+        )
+
+
+def check_free_space(out: Path, needed: int) -> None:
+    """Refuse before any write when the disk that will hold ``out`` lacks room for ``needed`` bytes."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed + SPACE_MARGIN:
+        raise WeightDiffError(
+            f"{out}: not enough free disk: the output needs {_gb(needed + SPACE_MARGIN)}, {probe} has "
+            f"{_gb(free)} free; free space or choose another disk"
+        )
+
+
+def clear_for_overwrite(out: Path) -> None:
+    """Empty an output the user asked to replace; config.json goes first so it stops loading as a model at once."""
+    (out / CONFIG_NAME).unlink(missing_ok=True)
+    for path in out.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def remove_partials(out: Path) -> None:
+    for path in out.glob("*" + PARTIAL_SUFFIX):
+        path.unlink()
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB"
+
+
+def plan_fingerprint(mode: str, plan: Plan, inputs: list[Path]) -> str:
+    """Return a hash of what a run will produce from which input files, so --resume never mixes two runs."""
+    files = []
+    for directory in inputs:
+        for path in sorted(directory.iterdir()):
+            if path.is_file():
+                stat = path.stat()
+                files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    body = {
+        "mode": mode,
+        "inputs": files,
+        "shards": [[s.file_name, [[j.name, str(j.out_dtype), list(j.out_shape)] for j in s.jobs]] for s in plan.shards],
+    }
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()
+
+
+@dataclass
+class Journal:
+    """The shards an interrupted run finished, with their SHA-256, kept in the output until the run ends."""
+
+    path: Path
+    fingerprint: str
+    shards: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, out: Path, fingerprint: str, *, resume: bool) -> Journal:
+        """Return a fresh journal, or on --resume the previous run's, refusing one made for other inputs."""
+        journal = cls(out / JOURNAL_NAME, fingerprint)
+        if resume:
+            try:
+                body = json.loads(journal.path.read_text())
+                previous, shards = body["fingerprint"], dict(body["shards"])
+            except (OSError, ValueError, KeyError, TypeError):
+                raise UsageError(f"{journal.path}: unreadable; run again with --overwrite instead of --resume") from None
+            if previous != fingerprint:
+                raise UsageError(
+                    f"{out}: the interrupted run there used other inputs or options; repeat its exact command "
+                    "with --resume, or use --overwrite to start again"
+                )
+            journal.shards = shards
+        journal.save()
+        return journal
+
+    def finished_shards(self, out: Path) -> frozenset[str]:
+        """Return shards from the journal whose files are still there and still hash as recorded."""
+        kept = set()
+        for name, digest in self.shards.items():
+            path = out / name
+            if path.is_file() and file_sha256(path) == digest:
+                kept.add(name)
+            else:
+                path.unlink(missing_ok=True)
+        self.shards = {name: self.shards[name] for name in kept}
+        return frozenset(kept)
+
+    def record(self, shard_name: str, digest: str) -> None:
+        self.shards[shard_name] = digest
+        self.save()
+
+    def save(self) -> None:
+        write_atomic(self.path, json.dumps({"fingerprint": self.fingerprint, "shards": self.shards}).encode())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def make_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WeightDiffError(f"{out}: cannot create the output directory ({exc.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise WeightDiffError(f"{out}: not writable; choose a directory you can write to")
