@@ -261,10 +261,7 @@ def read_bin_header(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tenso
     try:
         state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused: its pickle holds code or objects other than tensors ({_first_line(exc)}); "
-            "it was not executed. Get the file from a source you trust, or as safetensors"
-        ) from None
+        raise _unsafe_pickle(path, exc) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)}); download it again")
     state = _as_state_dict(path, state)
@@ -289,10 +286,7 @@ def _read_legacy_bin(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tens
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused: its pickle holds code or objects other than tensors ({_first_line(exc)}); "
-            "it was not executed. Get the file from a source you trust, or as safetensors"
-        ) from None
+        raise _unsafe_pickle(path, exc) from None
     except Exception as exc:  # torch raises many types for garbage input
         raise CheckpointError(
             f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)}); download it again"
@@ -312,6 +306,16 @@ def _record_offsets(path: Path) -> set[int]:
     """Return the byte offsets at which the zip archive stores tensor storages (``*/data/N`` records)."""
     reader = torch._C.PyTorchFileReader(str(path))
     return {reader.get_record_offset(r) for r in reader.get_all_records() if r.startswith("data/")}
+
+
+def _unsafe_pickle(path: Path, exc: BaseException) -> CheckpointError:
+    # torch's message suggests weights_only=False; the useful part is the line naming what the pickle wanted.
+    lines = [line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+    what = lines[0].strip() if lines else _first_line(exc)
+    return CheckpointError(
+        f"{path}: refused: its pickle holds code or objects other than tensors ({what}); it was not executed. "
+        "Get the file from a source you trust, or as safetensors"
+    )
 
 
 def _first_line(exc: BaseException) -> str:

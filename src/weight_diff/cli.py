@@ -212,12 +212,134 @@ def demo(keep):
         click.echo(line)
 
 
+@main.command(epilog="""
+\b
+Examples:
+  weight-diff verify self-instruct-13b                                   # files against SHA256SUMS
+  weight-diff verify self-instruct-13b --diff self-instruct-13b-diff     # and tensors against the manifest
+  weight-diff verify self-instruct-13b-diff                              # a diff against its own manifest
+""")  # fmt: skip
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--diff", "diff_dir", type=click.Path(path_type=Path), default=None,
+              help="Also check the model's tensors against this diff's manifest.")  # fmt: skip
+@reports_errors
+def verify(path, diff_dir):
+    """Re-check a recovered model (or a diff) and say what matches; exit status 0 only when all does."""
+    from .verify import verify as run_verify
+
+    report = run_verify(path, diff=diff_dir)
+    for check in report.failures:
+        click.echo(f"MISMATCH {check.subject}: {check.detail}")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    matched = len(report.checks) - len(report.failures)
+    what = "files and tensors" if report.kind == "model" else "diff tensors"
+    if not report.ok:
+        raise _Stop(f"{path}: {len(report.failures)} of {len(report.checks)} {what} do not match", 1)
+    click.echo(f"verified: {matched} {what} in {path} match")
+
+
 def _summary(verb: str, report) -> str:
     resumed = f", {report.resumed_shards} kept from the interrupted run" if report.resumed_shards else ""
     return (
         f"{verb} {report.tensors} tensors ({report.bytes_written / 1e9:.2f} GB in {report.shards} shard"
         f"{'s' if report.shards != 1 else ''}{resumed}) into {report.out_dir} in {report.seconds:.1f} s"
     )
+
+
+@main.command(epilog="""
+\b
+Example:
+  weight-diff generate self-instruct-13b --prompt "Give three tips for staying healthy." --max-new-tokens 200
+""")  # fmt: skip
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="The user's message; formatted with the model's chat template.")
+@click.option("--max-new-tokens", "--max_new_tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Most tokens to generate.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Load the weights in this dtype; auto keeps the stored one.")  # fmt: skip
+@reports_errors
+def generate(model, prompt, max_new_tokens, dtype):
+    """Answer PROMPT greedily with the model in MODEL and print only the completion.
+
+    Uses the model's chat template, or the open-instruct format (<|user|> ... <|assistant|>) when it has none.
+    """
+    from .generate import generate as run_generate
+
+    click.echo(run_generate(model, prompt, max_new_tokens=max_new_tokens, dtype=dtype))
+
+
+@main.command(epilog="""
+\b
+Examples:
+  weight-diff inspect self-instruct-13b-diff
+  weight-diff inspect self-instruct-13b --json
+""")  # fmt: skip
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
+@click.option("--no-hash", is_flag=True, help="Do not hash the files against SHA256SUMS (fast on large models).")
+@reports_errors
+def inspect(path, as_json, no_hash):
+    """Say what PATH is: a model or a weight diff, its size, dtypes and shards, and whether its checksums match."""
+    import json
+
+    from .inspect_dir import inspect_path
+
+    found = inspect_path(path, check_sums=not no_hash)
+    if as_json:
+        click.echo(json.dumps(found.to_dict(), indent=2))
+    else:
+        for line in found.lines():
+            click.echo(line)
+
+
+@main.command(epilog="""
+\b
+Examples:
+  weight-diff compare self-instruct-13b reference/self-instruct-13b
+  weight-diff compare self-instruct-13b-bf16 reference/self-instruct-13b --tol 1e-2
+
+\b
+Exit status: 0 when every tensor agrees within --tol, 1 when they differ, 2 when they could not be compared.
+""")  # fmt: skip
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--tol", type=float, default=0.0, show_default=True,
+              help="Largest |A-B| allowed per value; 0 asks for bit-identical tensors.")
+@click.option("--worst", type=click.IntRange(min=0), default=10, show_default=True,
+              help="How many of the most different tensors to list.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")  # fmt: skip
+@reports_errors
+def compare(a, b, tol, worst, quiet):
+    """Compare models A and B tensor by tensor: missing tensors, shapes, largest differences, identical values."""
+    from .compare import compare_models
+
+    bar = None
+
+    def on_total(total: int) -> None:
+        nonlocal bar
+        if not quiet:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="compare", file=sys.stderr,
+                       dynamic_ncols=True)  # fmt: skip
+
+    def progress(nbytes: int) -> None:
+        if bar is not None:
+            bar.update(nbytes)
+
+    try:
+        report = compare_models(a, b, tol=tol, on_total=on_total, progress=progress)
+    except WeightDiffError as error:
+        error.exit_code = 2  # as with cmp and diff: 1 says "they differ", 2 "could not compare"
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    for line in report.lines(worst=worst):
+        click.echo(line)
+    if not report.agrees:
+        click.get_current_context().exit(1)
 
 
 if __name__ == "__main__":

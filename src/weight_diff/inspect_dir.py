@@ -1,0 +1,210 @@
+"""Say what a directory is: a model or a weight diff, its size and dtypes, the base a diff expects, and whether
+a model's files still match the ``SHA256SUMS`` written beside them.
+
+Only headers, ``config.json``, the manifest and one small norm tensor are read, plus every file once to hash it
+when ``check_sums`` is on.
+
+>>> found = inspect_path("self-instruct-13b-diff")
+>>> found.kind, found.manifest
+('diff', True)
+>>> print("\\n".join(found.lines()))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import IntegrityError
+from .files import CONFIG_NAME
+from .manifest import MANIFEST_NAME, SUMS_NAME, Digest, Manifest, dtype_name, file_sha256, read_sums
+from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, role_of
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a template
+
+
+@dataclass(frozen=True)
+class Sums:
+    """The state of a directory's ``SHA256SUMS``: "verified", "mismatch", "none" or "not checked"."""
+
+    status: str
+    files: int = 0  # files listed
+    problems: list[str] = field(default_factory=list)  # "<file> (differs|missing|not listed)"
+
+    def describe(self, kind: str) -> str:
+        if self.status == "verified":
+            verdict = "verified copy: " if kind == "model" else ""
+            return f"{verdict}all {self.files} files match {SUMS_NAME}"
+        if self.status == "mismatch":
+            return f"{SUMS_NAME} mismatch: {', '.join(self.problems)}"
+        if self.status == "none":
+            return f"no {SUMS_NAME} (not written by weight-diff, or copied without it)"
+        return f"{SUMS_NAME} present, not checked"
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What ``inspect_path`` found in a directory. ``kind`` is "model", "diff" or "unknown"."""
+
+    path: str
+    kind: str
+    evidence: str  # why we think so
+    manifest: bool
+    architecture: str | None
+    model_type: str | None
+    size: str
+    parameters: int
+    tensors: int
+    dtypes: dict[str, int]  # dtype name -> parameters stored in it, largest first
+    vocab_size: int | None
+    layout: str
+    shards: int
+    total_bytes: int  # of the weight files on disk
+    chat_template: bool
+    base: str | None  # from the manifest: the raw model a diff was made against
+    made_by: dict | None  # the manifest's tool versions
+    sums: Sums
+
+    def lines(self) -> list[str]:
+        """Return the inspection as text for a person, one fact a line."""
+        what = {"model": "a model", "diff": "a weight diff", "unknown": "weights of unknown role"}[self.kind]
+        rows = [
+            ("kind", f"{self.kind} ({self.evidence})"),
+            ("architecture", _architecture(self.architecture, self.model_type)),
+            ("size", self.size),
+            ("parameters", f"{self.parameters:,} in {self.tensors} tensors"),
+            ("dtype", ", ".join(self.dtypes)),
+            ("vocab size", str(self.vocab_size) if self.vocab_size is not None else "unknown"),
+            ("weights", f"{self.layout}, {self.shards} file{'s' if self.shards != 1 else ''}, "
+                        f"{self.total_bytes / 1e9:.2f} GB"),
+            ("chat template", "yes" if self.chat_template else "none"),
+        ]  # fmt: skip
+        if self.kind == "diff":
+            rows.append(("expects base", self.base or "not recorded (no manifest)"))
+            if self.made_by:
+                rows.append(("made by", ", ".join(f"{k} {v}" for k, v in self.made_by.items())))
+        rows.append(("checksums", self.sums.describe(self.kind)))
+        return [f"{self.path}: {what}"] + [f"  {label + ':':<14} {value}" for label, value in rows]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _architecture(architecture: str | None, model_type: str | None) -> str:
+    if architecture and model_type:
+        return f"{architecture} ({model_type})"
+    return architecture or model_type or "unknown (no config.json)"
+
+
+def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspection:
+    """Return what the directory holds; ``check_sums=False`` skips hashing the files against ``SHA256SUMS``."""
+    directory = Path(path)
+    manifest = Manifest.load(directory)
+    config = _read_json(directory / CONFIG_NAME)
+    with Checkpoint.open(directory) as checkpoint:
+        kind, evidence = classify(checkpoint)
+        tensors = checkpoint.tensors
+        by_dtype: dict[str, int] = {}
+        for info in tensors.values():
+            by_dtype[dtype_name(info.dtype)] = by_dtype.get(dtype_name(info.dtype), 0) + info.numel
+        embed = _embedding(tensors)
+        architectures = config.get("architectures") or [None]
+        return Inspection(
+            path=str(directory),
+            kind=kind,
+            evidence=evidence,
+            manifest=manifest is not None,
+            architecture=architectures[0],
+            model_type=config.get("model_type"),
+            size=describe_size(tensors),
+            parameters=sum(info.numel for info in tensors.values()),
+            tensors=len(tensors),
+            dtypes=dict(sorted(by_dtype.items(), key=lambda item: -item[1])),
+            vocab_size=embed.shape[0] if embed is not None else config.get("vocab_size"),
+            layout=checkpoint.layout,
+            shards=len(checkpoint.files),
+            total_bytes=sum(file.stat().st_size for file in checkpoint.files),
+            chat_template=_has_chat_template(directory),
+            base=_expected_base(manifest) if manifest is not None else None,
+            made_by=manifest.tool if manifest is not None else None,
+            sums=_check_sums(directory, checkpoint.files, hash_files=check_sums),
+        )
+
+
+def classify(checkpoint: Checkpoint) -> tuple[str, str]:
+    """Return ("model" | "diff" | "unknown", the evidence): a manifest means a diff, else the final norm tells.
+
+    RMSNorm weights of trained models average about 1; a diff holds tuned - raw, so its norms average about 0.
+    """
+    if (checkpoint.directory / MANIFEST_NAME).is_file():
+        return "diff", f"has {MANIFEST_NAME}"
+    from .jobs import _final_norm  # the one place that reads the final norm; recover uses it to refuse swaps
+
+    norm = _final_norm(checkpoint)
+    if norm is None:
+        return "unknown", "no manifest and no final norm tensor to tell by"
+    role = role_of(norm)
+    if role == "diff":
+        return "diff", f"no manifest; final norm weights average {norm:.3f}, as in tuned - raw"
+    if role == "model":
+        return "model", f"final norm weights average {norm:.3f}, as in trained weights"
+    return "unknown", f"no manifest; final norm weights average {norm:.3f}, neither a model's (~1) nor a diff's (~0)"
+
+
+def _embedding(tensors: dict[str, TensorInfo]) -> TensorInfo | None:
+    return next((t for n, t in tensors.items() if n.endswith(VOCAB_SUFFIXES[0]) and len(t.shape) == 2), None)
+
+
+def _expected_base(manifest: Manifest) -> str:
+    """Return the raw model a diff was made against, as its manifest records it (shape, dtype, parameters)."""
+    raws: dict[str, Digest] = {name: record.raw for name, record in manifest.tensors.items()}
+    embed = next((d for n, d in raws.items() if n.endswith(VOCAB_SUFFIXES[0]) and len(d.shape) == 2), None)
+    if embed is not None:
+        vocab, hidden = embed.shape
+        name = f"LLaMA-{LLAMA_SIZES[hidden]}" if hidden in LLAMA_SIZES else "a model"
+        shape = f"{name} (hidden {hidden}, vocab {vocab})"
+    else:
+        shape = "a model"
+    dtypes = sorted({d.dtype for d in raws.values()})
+    parameters = sum(math.prod(d.shape) for d in raws.values())
+    return f"{shape}, {'/'.join(dtypes)}, {parameters:,} parameters"
+
+
+def _has_chat_template(directory: Path) -> bool:
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        return True
+    return bool(_read_json(directory / "tokenizer_config.json").get("chat_template"))
+
+
+def _read_json(path: Path) -> dict:
+    """Return a small JSON file's object, or {} when it is absent or unreadable (inspect reports, never fails)."""
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _check_sums(directory: Path, weight_files: list[Path], *, hash_files: bool) -> Sums:
+    sums_path = directory / SUMS_NAME
+    if not sums_path.is_file():
+        return Sums("none")
+    try:
+        listed = read_sums(sums_path)
+    except IntegrityError as error:
+        return Sums("mismatch", problems=[str(error)])
+    if not hash_files:
+        return Sums("not checked", files=len(listed))
+    problems = []
+    for name, digest in sorted(listed.items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name} (missing)")
+        elif file_sha256(path) != digest:
+            problems.append(f"{name} (differs)")
+    problems += [f"{path.name} (not listed)" for path in weight_files if path.name not in listed]
+    return Sums("mismatch" if problems else "verified", files=len(listed), problems=problems)

@@ -1,0 +1,415 @@
+"""Tiny random LLaMA checkpoints, built offline in well under a second.
+
+No real model can be downloaded where the tests, the demo and the benchmark run, so they all work on tiny
+LLaMA-shaped models made here: a real LLaMA-style tokenizer trained in-process, a random `LlamaForCausalLM`,
+and a "fine-tune" of it that adds a `<pad>` token the way the 2023 Alpaca / open-instruct recipes did.
+
+Weights are written by hand in the Hugging Face layouts (safetensors or zip-format `torch.save` `.bin`,
+unsharded or sharded with an index), not through `save_pretrained`: transformers 5 no longer writes `.bin`,
+and the legacy layouts are exactly what users of a diff tool hold on disk.
+
+`transformers` and `tokenizers` are imported inside the functions that need them: `import transformers`
+costs seconds, and the rest of the package must stay quick to import.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, PreTrainedTokenizerBase
+
+__all__ = [
+    "CORPUS",
+    "build_tokenizer",
+    "make_raw_and_tuned",
+    "save_checkpoint",
+    "save_model_dir",
+    "tiny_config",
+]
+
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+_N_BYTES = 256
+_MIN_PIECES = 2  # trained pieces beyond the specials and the 256 byte tokens
+
+# A small English corpus, so that the tokenizer learns real merges and really tokenizes text.
+CORPUS = """\
+The quick brown fox jumps over the lazy dog, and the dog does not seem to mind at all.
+A language model reads text one token at a time and learns to predict the next token from the ones before it.
+Fine-tuning changes the weights of a model only a little, so the difference between the tuned weights and the
+raw weights is small, and it can be published where the original model itself may not be shared.
+Anyone who holds the raw model can add the difference back and recover the tuned model, number for number.
+The weights are stored in files that begin with a header, followed by the bytes of every tensor in turn.
+Once upon a time there was a little town by the sea. The people of the town went out on their boats every
+morning, and in the evening they came home with fish, stories and salt in their hair.
+She asked him what he wanted to do with his life, and he said that he would like to write a book one day.
+It is better to be slow and right than quick and wrong, but it is best to be quick and right.
+Water boils at one hundred degrees at sea level; at the top of a high mountain it boils at a lower heat.
+In the spring the trees are green, in the summer the days are long, and in the winter the nights are cold.
+Please write a short poem about the moon. Explain why the sky is blue. Give three tips for staying healthy.
+What is the capital of France? The capital of France is Paris, a city on the river Seine.
+How many legs does a spider have? A spider has eight legs, while an insect has six.
+Translate this sentence into French, then summarize the paragraph below in one line.
+The instruction was clear: answer the question, be helpful and honest, and say so when you do not know.
+"""
+
+
+def _train_backend(vocab_size: int) -> Any:
+    """Train the `tokenizers.Tokenizer` behind `build_tokenizer`: LLaMA's layout, with exactly `vocab_size`
+    entries.
+
+    LLaMA's vocabulary is `<unk>`, `<s>`, `</s>`, the 256 byte tokens `<0x00>`..`<0xFF>` (byte fallback, so no
+    text is ever unknown), then the learned pieces; this keeps that order.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    n_pieces = vocab_size - 3 - _N_BYTES
+    if n_pieces < _MIN_PIECES:
+        raise ValueError(
+            f"vocab_size must be at least {3 + _N_BYTES + _MIN_PIECES} (3 special tokens, "
+            f"{_N_BYTES} byte tokens and some learned pieces), got {vocab_size}"
+        )
+    # The trainer counts special tokens and the initial alphabet inside its vocab_size: leave room for merges.
+    trainer = trainers.BpeTrainer(
+        vocab_size=3 + n_pieces,
+        special_tokens=[UNK, BOS, EOS],
+        limit_alphabet=max(1, min(40, n_pieces // 2)),
+        show_progress=False,
+    )
+    trainee = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True, fuse_unk=True))
+    trainee.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainee.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    trained = json.loads(trainee.to_str())["model"]
+    by_id = sorted(trained["vocab"].items(), key=lambda kv: kv[1])
+    pieces = [p for p, _ in by_id if p not in (UNK, BOS, EOS)]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    # The alphabet alone overflowing the budget cannot happen with limit_alphabet, but be sure.
+    if len(pieces) > n_pieces:
+        raise ValueError(f"vocab_size {vocab_size} is too small for the corpus alphabet")
+    # A vocab larger than the corpus can fill gets unreachable filler pieces, like unused slots in real ones.
+    pieces += [f"<unused_{i}>" for i in range(n_pieces - len(pieces))]
+
+    vocab = {UNK: UNK_ID, BOS: BOS_ID, EOS: EOS_ID}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(_N_BYTES)})
+    vocab.update({p: 3 + _N_BYTES + i for i, p in enumerate(pieces)})
+    assert len(vocab) == vocab_size
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True, fuse_unk=True))
+    tok.normalizer = None
+    # What transformers' own (non-legacy) LLaMA tokenizer uses: one "▁" before the text, spaces become "▁".
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, BOS_ID)]
+    )
+    return tok
+
+
+def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerBase:
+    """A LLaMA-style tokenizer (BPE with byte fallback, Metaspace) trained in-process on `CORPUS`.
+
+    No LLaMA tokenizer ships in any pip package and nothing can be downloaded, so tests train one. It has
+    `<unk>`=0, `<s>`=1, `</s>`=2, adds `<s>` in front like LLaMA, `len(tokenizer) == vocab_size`, and survives
+    `save_pretrained` / `AutoTokenizer.from_pretrained`.
+    """
+    from transformers import LlamaTokenizerFast  # in transformers 5 an alias of LlamaTokenizer
+
+    return LlamaTokenizerFast(
+        tokenizer_object=_train_backend(vocab_size),
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        add_bos_token=True,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+    )
+
+
+def tiny_config(*, vocab_size: int = 320, **overrides: Any) -> LlamaConfig:
+    """A 2-layer, 64-wide `LlamaConfig` (LLaMA's structure: untied embeddings, RMSNorm, SwiGLU, rotary).
+
+    Special-token ids match `build_tokenizer`; `pad_token_id` is None like raw LLaMA unless overridden.
+    """
+    from transformers import LlamaConfig
+
+    kwargs: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "tie_word_embeddings": False,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": None,
+    }
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+_WEIGHT_FILE_RE = re.compile(
+    r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+    r"|pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json)$"
+)
+
+
+def _standalone(t: torch.Tensor, seen: set[int]) -> torch.Tensor:
+    """`t` as a contiguous CPU tensor owning its whole storage, copied only when needed.
+
+    `torch.save` writes whole storages (a view would drag its base along and tensors would come back shared)
+    and safetensors refuses shared or non-contiguous tensors.
+    """
+    t = t.detach().cpu()
+    ptr = t.untyped_storage().data_ptr()
+    owns_storage = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
+    if not t.is_contiguous() or not owns_storage or ptr in seen:
+        t = t.contiguous().clone()
+        ptr = t.untyped_storage().data_ptr()
+    seen.add(ptr)
+    return t
+
+
+def _plan_shards(sizes: list[int], shards: int) -> list[int]:
+    """Shard index of each tensor: state-dict order, roughly equal bytes, no empty shard."""
+    total = sum(sizes)
+    plan, k, cum = [], 0, 0
+    for i, size in enumerate(sizes):
+        plan.append(k)
+        cum += size
+        shards_left, tensors_left = shards - k - 1, len(sizes) - i - 1
+        if shards_left > 0 and (cum >= total * (k + 1) / shards or tensors_left == shards_left):
+            k += 1
+    return plan
+
+
+def save_checkpoint(
+    state_dict: dict[str, torch.Tensor], directory: str | Path, *, fmt: str = "safetensors", shards: int = 1
+) -> list[Path]:
+    """Write `state_dict` in a Hugging Face weights layout without transformers, and return the files written.
+
+    `fmt="safetensors"`: `model.safetensors`, or `model-0000i-of-0000n.safetensors` and
+    `model.safetensors.index.json`; `fmt="bin"`: the same with `pytorch_model` and zip-format `torch.save`
+    (the 2023 layout, which transformers 5 no longer writes). Weight files of any layout already in
+    `directory` are removed first, as `save_pretrained` does, so that a loader never sees two checkpoints.
+    """
+    if fmt not in ("safetensors", "bin"):
+        raise ValueError(f"fmt must be 'safetensors' or 'bin', got {fmt!r}")
+    names = list(state_dict)
+    if not 1 <= shards <= max(1, len(names)):
+        raise ValueError(f"shards must be between 1 and the number of tensors ({len(names)}), got {shards}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.iterdir():
+        if old.is_file() and _WEIGHT_FILE_RE.match(old.name):
+            old.unlink()
+
+    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    sizes = [state_dict[n].numel() * state_dict[n].element_size() for n in names]
+    plan = _plan_shards(sizes, shards)
+    if shards == 1:
+        filenames = [f"{stem}.{ext}"]
+    else:
+        filenames = [f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}" for i in range(shards)]
+
+    written = []
+    seen: set[int] = set()
+    for k, filename in enumerate(filenames):
+        part = {n: _standalone(state_dict[n], seen) for n, s in zip(names, plan, strict=True) if s == k}
+        path = directory / filename
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(part, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(part, path)
+        written.append(path)
+        del part
+    if shards > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes)},
+            "weight_map": {n: filenames[s] for n, s in zip(names, plan, strict=True)},
+        }
+        index_path = directory / f"{stem}.{ext}.index.json"
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(index_path)
+    return written
+
+
+def _set_config_dtype(config: Any, dtype: torch.dtype) -> None:
+    """Record the weights' dtype in the config: `dtype` in transformers 5, `torch_dtype` in 4.x."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        config.dtype = dtype
+    else:
+        config.torch_dtype = dtype
+
+
+def _inv_freq_buffers(config: Any) -> dict[int, torch.Tensor]:
+    """The per-layer `rotary_emb.inv_freq` buffers that 2023 LLaMA conversions stored next to the weights."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    return {i: inv_freq.clone() for i in range(config.num_hidden_layers)}
+
+
+def save_model_dir(
+    directory: str | Path,
+    *,
+    state_dict: dict[str, torch.Tensor],
+    config: LlamaConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: str = "safetensors",
+    shards: int = 1,
+    dtype: torch.dtype | None = None,
+    inv_freq: bool = False,
+) -> Path:
+    """Write a complete model directory (weights, `config.json`, `generation_config.json`, tokenizer files).
+
+    Weights are cast to `dtype` when given and written by `save_checkpoint`; the config records their dtype.
+    `inv_freq=True` adds float32 `model.layers.{i}.self_attn.rotary_emb.inv_freq` buffers, as the 2023 `.bin`
+    conversions of raw LLaMA did: a tool must recognise them as non-weights.
+    """
+    from transformers import GenerationConfig
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {n: t.to(dtype) if dtype and t.is_floating_point() else t for n, t in state_dict.items()}
+    weights_dtype = dtype or next((t.dtype for t in weights.values() if t.is_floating_point()), torch.float32)
+    if inv_freq:
+        buffers = _inv_freq_buffers(config)
+        with_buffers: dict[str, torch.Tensor] = {}
+        for name, t in weights.items():
+            with_buffers[name] = t
+            m = re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", name)
+            if m and int(m.group(1)) in buffers:  # where the module registration order put it
+                layer = int(m.group(1))
+                with_buffers[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = buffers.pop(layer)
+        for i, buf in buffers.items():
+            with_buffers[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = buf
+        weights = with_buffers
+    save_checkpoint(weights, directory, fmt=fmt, shards=shards)
+
+    config = copy.deepcopy(config)
+    _set_config_dtype(config, weights_dtype)
+    config.save_pretrained(directory)
+    GenerationConfig.from_model_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _perturb_(t: torch.Tensor, generator: torch.Generator, rel_std: float = 1e-3) -> torch.Tensor:
+    """Add, in place, seeded Gaussian noise of std `rel_std` x the tensor's RMS: a stand-in for training."""
+    rms = (torch.linalg.vector_norm(t).item() / max(1, t.numel()) ** 0.5) or 1.0
+    # normal_ into a buffer is several times faster than torch.randn(shape) on CPU.
+    return t.add_(torch.empty_like(t).normal_(0.0, rel_std * rms, generator=generator))
+
+
+def _random_llama_weights(config: LlamaConfig, *, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict of a freshly initialised `LlamaForCausalLM(config)`, seeded, in `dtype`.
+
+    The model is built on the meta device for its names and shapes, and the weights are drawn here with the
+    distribution of transformers' `_init_weights` (normal(0, initializer_range) for linear and embedding
+    weights, ones for RMSNorm, zeros for biases and the padding row): instantiating the model for real
+    initialises every weight twice and takes 15 s at 13B width, this takes a few.
+    """
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    std = float(getattr(config, "initializer_range", 0.02) or 0.02)
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    weights = {}
+    for name, meta in model.state_dict().items():
+        if "rotary_emb" in name:  # a buffer, should a version persist it
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        module = modules[module_name]
+        t = torch.empty(meta.shape, dtype=torch.float32)
+        if leaf == "weight" and isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            t.normal_(0.0, std, generator=generator)
+            if getattr(module, "padding_idx", None) is not None:
+                t[module.padding_idx] = 0
+        elif leaf == "weight":
+            t.fill_(1.0)
+        else:
+            t.zero_()
+        weights[name] = t.to(dtype)
+    return weights
+
+
+def make_raw_and_tuned(
+    workdir: str | Path,
+    *,
+    seed: int = 0,
+    raw_fmt: str = "safetensors",
+    raw_shards: int = 1,
+    raw_dtype: torch.dtype = torch.float16,
+    tuned_fmt: str = "safetensors",
+    tuned_shards: int = 1,
+    tuned_dtype: torch.dtype = torch.float32,
+    add_pad: bool = True,
+    inv_freq: bool = False,
+    config_overrides: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """Build `workdir/raw` (a random tiny LLaMA) and `workdir/tuned` (a "fine-tune" of it); return both paths.
+
+    The tuned model starts from the raw weights as stored (`raw_dtype` upcast to float32). With `add_pad` it
+    gains a `<pad>` token whose `embed_tokens` and `lm_head` rows are the float32 mean of the existing rows
+    (Alpaca's `smart_tokenizer_and_embedding_resize`); then every weight gets a small seeded perturbation.
+    `inv_freq` adds the 2023 rotary buffers to the raw checkpoint only, where real raw LLaMA `.bin` files hold
+    them.
+    """
+    workdir = Path(workdir)
+    overrides = dict(config_overrides or {})
+    config = tiny_config(**overrides)
+    tokenizer = build_tokenizer(config.vocab_size)
+
+    raw = _random_llama_weights(config, seed=seed, dtype=raw_dtype)
+    raw_dir = save_model_dir(
+        workdir / "raw",
+        state_dict=raw,
+        config=config,
+        tokenizer=tokenizer,
+        fmt=raw_fmt,
+        shards=raw_shards,
+        dtype=raw_dtype,
+        inv_freq=inv_freq,
+    )
+
+    tuned = {n: t.to(torch.float32, copy=True) for n, t in raw.items()}  # never aliases raw
+    tuned_config = copy.deepcopy(config)
+    tuned_tokenizer = copy.deepcopy(tokenizer)
+    if add_pad:
+        tuned_tokenizer.add_special_tokens({"pad_token": PAD})
+        n_new = len(tuned_tokenizer) - config.vocab_size
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            old = tuned[name]
+            tuned[name] = torch.cat([old, old.mean(dim=0, keepdim=True).expand(n_new, -1)], dim=0)
+        tuned_config.vocab_size = len(tuned_tokenizer)
+        tuned_config.pad_token_id = tuned_tokenizer.pad_token_id
+    generator = torch.Generator().manual_seed(seed + 1_000_003)
+    tuned = {n: _perturb_(t, generator) for n, t in tuned.items()}
+    tuned_dir = save_model_dir(
+        workdir / "tuned",
+        state_dict=tuned,
+        config=tuned_config,
+        tokenizer=tuned_tokenizer,
+        fmt=tuned_fmt,
+        shards=tuned_shards,
+        dtype=tuned_dtype,
+    )
+    return raw_dir, tuned_dir

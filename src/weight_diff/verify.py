@@ -1,0 +1,129 @@
+"""``weight-diff verify``: re-check a recovered model against its ``SHA256SUMS`` (and a diff's manifest), or a
+diff's tensors against its own manifest. Streams: one block of one tensor in memory at a time.
+
+>>> report = verify("self-instruct-13b", diff="self-instruct-13b-diff")
+>>> report.ok
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import UsageError
+from .manifest import MANIFEST_NAME, SUMS_NAME, Manifest, dtype_name, file_sha256, read_sums, tensor_bytes
+
+BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Check:
+    """One thing checked: a file or a tensor, whether it matched, and what was found when it did not."""
+
+    subject: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """Every check made on a directory; ``ok`` only when all matched and at least one thing was checked."""
+
+    directory: Path
+    kind: str  # "model" or "diff"
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(check.ok for check in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if not check.ok]
+
+
+def verify(path: str | Path, *, diff: str | Path | None = None) -> VerifyReport:
+    """Return the checks of a model directory (or of a diff directory, when it holds a manifest)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: no such directory")
+    if (directory / MANIFEST_NAME).is_file() and diff is None:
+        return _verify_diff(directory)
+    report = VerifyReport(directory, "model")
+    sums_path = directory / SUMS_NAME
+    if not sums_path.is_file():
+        raise UsageError(f"{directory}: no {SUMS_NAME} to check against; it was not written by weight-diff recover")
+    for name, expected in read_sums(sums_path).items():
+        path = directory / name
+        if not path.is_file():
+            report.checks.append(Check(name, False, "missing"))
+        else:
+            actual = file_sha256(path)
+            report.checks.append(Check(name, actual == expected, "" if actual == expected else "content changed"))
+    listed = set(read_sums(sums_path))
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.name not in listed | {SUMS_NAME}:
+            report.notes.append(f"{path.name}: not listed in {SUMS_NAME} (added after the recovery)")
+    if diff is not None:
+        _check_against_manifest(directory, Path(diff), report)
+    return report
+
+
+def _verify_diff(directory: Path) -> VerifyReport:
+    manifest = Manifest.load(directory)
+    report = VerifyReport(directory, "diff")
+    with Checkpoint.open(directory) as checkpoint:
+        for name, record in manifest.tensors.items():
+            info = checkpoint.tensors.get(name)
+            if info is None:
+                report.checks.append(Check(name, False, "in the manifest but not in the diff"))
+                continue
+            report.checks.append(_check_tensor(checkpoint, info, record.diff.sha256, record.diff.dtype))
+        for name in sorted(checkpoint.tensors.keys() - manifest.tensors.keys()):
+            report.checks.append(Check(name, False, "in the diff but not in its manifest"))
+    return report
+
+
+def _check_against_manifest(directory: Path, diff_dir: Path, report: VerifyReport) -> None:
+    manifest = Manifest.load(diff_dir)
+    if manifest is None:
+        report.notes.append(f"{diff_dir}: has no {MANIFEST_NAME}; only {SUMS_NAME} was checked")
+        return
+    with Checkpoint.open(directory) as model:
+        for name, record in manifest.tensors.items():
+            info = model.tensors.get(name)
+            if info is None:
+                report.checks.append(Check(name, False, "in the diff's manifest but not in the model"))
+            elif info.dtype != torch.float32:
+                report.notes.append(
+                    f"{name}: stored as {dtype_name(info.dtype)}; the manifest hashes float32 results, so only "
+                    f"{SUMS_NAME} vouches for it"
+                )
+            else:
+                report.checks.append(_check_tensor(model, info, record.result.sha256, record.result.dtype))
+
+
+def _check_tensor(checkpoint: Checkpoint, info: TensorInfo, expected: str, expected_dtype: str) -> Check:
+    subject = f"{info.name} ({info.file.name})"
+    if dtype_name(info.dtype) != expected_dtype:
+        return Check(subject, False, f"stored as {dtype_name(info.dtype)}, manifest says {expected_dtype}")
+    actual = tensor_sha256(checkpoint, info)
+    return Check(subject, actual == expected, "" if actual == expected else "bytes differ from the manifest")
+
+
+def tensor_sha256(checkpoint: Checkpoint, info: TensorInfo) -> str:
+    """Return the SHA-256 of a stored tensor's bytes, read block by block."""
+    hasher = hashlib.sha256()
+    row_bytes = max(1, info.row_numel * info.dtype.itemsize)
+    step = max(1, BLOCK_BYTES // row_bytes)
+    buffer = torch.empty(max(BLOCK_BYTES, row_bytes), dtype=torch.uint8)
+    for start in range(0, info.rows, step):
+        rows = checkpoint.read_rows(info, start, min(start + step, info.rows), out=buffer)
+        hasher.update(tensor_bytes(rows.contiguous()))
+    return hasher.hexdigest()

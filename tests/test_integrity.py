@@ -1,0 +1,119 @@
+"""The manifest is checked from the first tensor to the last; SHA256SUMS and `verify` catch damaged copies."""
+
+import shutil
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import snapshot
+from weight_diff.checkpoint import Checkpoint
+from weight_diff.cli import main
+from weight_diff.errors import IntegrityError
+from weight_diff.jobs import recover
+
+
+def flip_byte_inside(directory, tensor):
+    """Flip a bit in the top byte of a value mid-tensor; return the file it was in.
+
+    A flip in the lowest mantissa bits of a diff value can vanish when raw + diff is rounded to float32: that
+    recovery is still exactly the publisher's, so the test damages a byte that matters.
+    """
+    with Checkpoint.open(directory) as checkpoint:
+        info = checkpoint.tensors[tensor]
+    with info.file.open("r+b") as file:
+        middle = info.nbytes // 2 // info.dtype.itemsize * info.dtype.itemsize
+        file.seek(info.offset + middle + info.dtype.itemsize - 1)
+        byte = file.read(1)
+        file.seek(-1, 1)
+        file.write(bytes([byte[0] ^ 0x10]))
+    return info.file
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def test_a_flipped_byte_in_a_diff_shard_fails_recover_naming_tensor_and_file(pair, made_diff, copy_dir, tmp_path):
+    raw, _ = pair
+    diff = copy_dir(made_diff)
+    damaged = flip_byte_inside(diff, "model.layers.1.mlp.up_proj.weight")
+    before = snapshot(diff)
+    result = run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", tmp_path / "out", "--quiet")
+    assert result.exit_code == 1
+    assert f"diff tensor model.layers.1.mlp.up_proj.weight (in {damaged}) is damaged" in result.output
+    assert f"Download {damaged.name} again" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert not list((tmp_path / "out").glob("*.partial"))
+    assert snapshot(diff) == before
+
+
+def test_a_raw_model_from_another_seed_is_refused_at_the_first_tensor(build_pair, made_diff, tmp_path):
+    other_raw, _ = build_pair(seed=7)
+    plans = []
+    with pytest.raises(IntegrityError, match=r"differs from the one the diff was made against") as error:
+        recover(other_raw, made_diff, tmp_path / "out", max_shard_size="100KB", on_plan=plans.append)
+    first = plans[0].jobs[0]
+    assert len(plans[0].shards) > 1
+    assert str(error.value).startswith(f"raw tensor {first.name} (in {first.raw.file})")
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.suffix == ".safetensors"]  # stopped in shard one
+
+
+def test_a_raw_model_in_another_precision_is_refused_before_any_write(build_pair, made_diff, tmp_path):
+    import torch
+
+    bf16_raw, _ = build_pair(raw_dtype=torch.bfloat16)
+    with pytest.raises(IntegrityError, match="is bfloat16 .* the diff was made against float16"):
+        recover(bf16_raw, made_diff, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_verify_passes_on_a_recovered_model_and_fails_on_a_flipped_byte(pair, made_diff, tmp_path):
+    raw, _ = pair
+    out = tmp_path / "out"
+    recover(raw, made_diff, out)
+    ok = run("verify", out, "--diff", made_diff)
+    assert ok.exit_code == 0 and "verified:" in ok.output
+    flip_byte_inside(out, "model.norm.weight")
+    bad = run("verify", out, "--diff", made_diff)
+    assert bad.exit_code == 1
+    assert "MISMATCH model.safetensors: content changed" in bad.output
+    assert "MISMATCH model.norm.weight (model.safetensors)" in bad.output
+
+
+def test_verify_on_a_diff_checks_its_tensors_against_its_manifest(made_diff, copy_dir):
+    assert run("verify", made_diff).exit_code == 0
+    diff = copy_dir(made_diff)
+    flip_byte_inside(diff, "lm_head.weight")
+    result = run("verify", diff)
+    assert result.exit_code == 1 and "MISMATCH lm_head.weight" in result.output
+
+
+def test_a_legacy_diff_without_manifest_recovers_with_correct_sha256sums_and_no_claim(pair, original, tmp_path):
+    raw, tuned = pair
+    diff = original.make_diff(raw, tuned, tmp_path / "diff-2023", added_rows="mean", fmt="bin", shards=2)
+    out = tmp_path / "out"
+    result = run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "not verified: the diff has no manifest" in result.output
+    assert "verified:" not in result.output.replace("not verified:", "")
+    listed = (out / "SHA256SUMS").read_text()
+    assert "config.json" in listed and "model.safetensors" in listed and "tokenizer.json" in listed
+    if shutil.which("sha256sum"):
+        check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_diff_whose_tensors_differ_from_its_manifest_is_refused(pair, made_diff, copy_dir, tmp_path):
+    import json
+
+    raw, _ = pair
+    diff = copy_dir(made_diff)
+    manifest_path = diff / "weight-diff-manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["tensors"]["lm_head.weight"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="the diff's tensors differ from its manifest"):
+        recover(raw, diff, tmp_path / "out")
