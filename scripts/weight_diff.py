@@ -4,10 +4,13 @@
 import sys
 from pathlib import Path
 
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the package.
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 try:
     from weight_diff.cli import main
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+except ImportError:  # a checkout that was not installed
+    sys.path.insert(0, str(HERE.parent / "src"))
     from weight_diff.cli import main
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ def build_pair(tmp_path_factory):
     """Return a factory of (raw_dir, tuned_dir) pairs, built once per set of options and shared read-only."""
     from weight_diff.tiny_llama import make_raw_and_tuned
 
-    built: dict[tuple, tuple[Path, Path]] = {}
+    built: dict[str, tuple[Path, Path]] = {}
 
     def build(**options) -> tuple[Path, Path]:
-        key = tuple(sorted(options.items(), key=lambda item: item[0]))
+        key = repr(sorted(options.items(), key=lambda item: item[0]))
         if key not in built:
             workdir = tmp_path_factory.mktemp("pair")
             built[key] = make_raw_and_tuned(workdir, **options)
@@ -79,3 +79,11 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
     with Checkpoint.open(directory) as checkpoint:
         return {name: checkpoint.read_rows(info, 0, info.rows).clone() for name, info in checkpoint.tensors.items()}
+
+
+@pytest.fixture(scope="session")
+def legacy_diff(pair, original, tmp_path_factory):
+    """A 2023-style diff of the default pair: float32 `.bin` shards, mean-extended pad rows, no manifest."""
+    raw, tuned = pair
+    out = tmp_path_factory.mktemp("legacy") / "diff"
+    return original.make_diff(raw, tuned, out, added_rows="mean", fmt="bin", shards=2)

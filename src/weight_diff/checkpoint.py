@@ -263,7 +263,9 @@ def read_bin_header(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tenso
     except pickle.UnpicklingError as exc:
         raise _unsafe_pickle(path, exc) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)}); download it again")
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)}); download it again"
+        ) from None
     state = _as_state_dict(path, state)
     offsets = _record_offsets(path)
     storages = {name: t.untyped_storage().data_ptr() for name, t in state.items()}
@@ -310,8 +312,10 @@ def _record_offsets(path: Path) -> set[int]:
 
 def _unsafe_pickle(path: Path, exc: BaseException) -> CheckpointError:
     # torch's message suggests weights_only=False; the useful part is the line naming what the pickle wanted.
-    lines = [line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-    what = lines[0].strip() if lines else _first_line(exc)
+    lines = [line for line in str(exc).splitlines() if "GLOBAL" in line]
+    if not lines:  # not a forbidden object: a damaged pickle
+        return CheckpointError(f"{path}: not a readable PyTorch checkpoint (damaged pickle); download it again")
+    what = lines[0].strip()
     return CheckpointError(
         f"{path}: refused: its pickle holds code or objects other than tensors ({what}); it was not executed. "
         "Get the file from a source you trust, or as safetensors"

@@ -254,8 +254,14 @@ Example:
 """)  # fmt: skip
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="The user's message; formatted with the model's chat template.")
-@click.option("--max-new-tokens", "--max_new_tokens", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Most tokens to generate.")
+@click.option(
+    "--max-new-tokens",
+    "--max_new_tokens",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Most tokens to generate.",
+)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="Load the weights in this dtype; auto keeps the stored one.")  # fmt: skip
 @reports_errors
@@ -304,10 +310,20 @@ Exit status: 0 when every tensor agrees within --tol, 1 when they differ, 2 when
 """)  # fmt: skip
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
-@click.option("--tol", type=float, default=0.0, show_default=True,
-              help="Largest |A-B| allowed per value; 0 asks for bit-identical tensors.")
-@click.option("--worst", type=click.IntRange(min=0), default=10, show_default=True,
-              help="How many of the most different tensors to list.")
+@click.option(
+    "--tol",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Largest |A-B| allowed per value; 0 asks for bit-identical tensors.",
+)
+@click.option(
+    "--worst",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="How many of the most different tensors to list.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")  # fmt: skip
 @reports_errors
 def compare(a, b, tol, worst, quiet):

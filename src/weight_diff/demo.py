@@ -37,7 +37,10 @@ def _demo(workdir: Path) -> Iterator[str]:
     )
     diff_dir, out_dir = workdir / "diff", workdir / "recovered"
     made = make_diff(raw_dir, tuned_dir, diff_dir)
-    yield f"make-diff: {made.tensors} tensors, {made.bytes_written / 1e6:.2f} MB of float32 diff with a checksum manifest, {made.seconds:.2f} s"
+    yield (
+        f"make-diff: {made.tensors} tensors, {made.bytes_written / 1e6:.2f} MB of float32 diff with a checksum "
+        f"manifest, {made.seconds:.2f} s"
+    )
     recovered = recover(raw_dir, diff_dir, out_dir)
     verdict = "verified against the manifest" if recovered.verified else "NOT verified"
     yield f"recover: {recovered.tensors} tensors into {out_dir}, {verdict}, {recovered.seconds:.2f} s"

@@ -19,6 +19,7 @@ from .errors import CheckpointError, UsageError
 from .inspect_dir import classify
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -60,28 +61,29 @@ def generate(
         raise CheckpointError(f"{directory}: transformers cannot load it ({_first_line(exc)})") from None
     model.to(device).eval()
 
-    text = format_prompt(tokenizer, prompt)
-    # A template that writes the BOS token itself must not get a second one from the tokenizer.
-    starts_with_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not starts_with_bos).to(device)
+    input_ids = prompt_ids(tokenizer, prompt).to(device)
     config = model.generation_config
-    config.update(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None
-    )
+    config.update(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.eos_token_id
     with torch.inference_mode():
-        output = model.generate(**inputs, generation_config=config)
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    new_tokens = output[0, input_ids.shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True)
 
 
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """Return ``prompt`` as one user turn ready for the assistant's reply, in the model's chat format."""
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
+    """Return the ids (shape 1 x n) of ``prompt`` as one user turn awaiting the reply, in the model's chat format.
+
+    The BOS token comes once, whether the template writes it or the tokenizer adds it.
+    """
     template = None if tokenizer.chat_template else OPEN_INSTRUCT  # None: the model's own (one or several)
-    return tokenizer.apply_chat_template(
+    text = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], chat_template=template, tokenize=False, add_generation_prompt=True
     )
+    # A template that writes the BOS token itself must not get a second one from the tokenizer.
+    starts_with_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=not starts_with_bos)["input_ids"]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -79,8 +79,8 @@ class Inspection:
             ("parameters", f"{self.parameters:,} in {self.tensors} tensors"),
             ("dtype", ", ".join(self.dtypes)),
             ("vocab size", str(self.vocab_size) if self.vocab_size is not None else "unknown"),
-            ("weights", f"{self.layout}, {self.shards} file{'s' if self.shards != 1 else ''}, "
-                        f"{self.total_bytes / 1e9:.2f} GB"),
+            ("weights", f"{self.layout}, {self.shards} shard{'s' if self.shards != 1 else ''}, "
+                        f"{_size(self.total_bytes)}"),
             ("chat template", "yes" if self.chat_template else "none"),
         ]  # fmt: skip
         if self.kind == "diff":
@@ -92,12 +92,6 @@ class Inspection:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _architecture(architecture: str | None, model_type: str | None) -> str:
-    if architecture and model_type:
-        return f"{architecture} ({model_type})"
-    return architecture or model_type or "unknown (no config.json)"
 
 
 def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspection:
@@ -157,6 +151,16 @@ def classify(checkpoint: Checkpoint) -> tuple[str, str]:
 
 def _embedding(tensors: dict[str, TensorInfo]) -> TensorInfo | None:
     return next((t for n, t in tensors.items() if n.endswith(VOCAB_SUFFIXES[0]) and len(t.shape) == 2), None)
+
+
+def _architecture(architecture: str | None, model_type: str | None) -> str:
+    if architecture and model_type:
+        return f"{architecture} ({model_type})"
+    return architecture or model_type or "unknown (no config.json)"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**8 else f"{nbytes / 1e6:.2f} MB"
 
 
 def _expected_base(manifest: Manifest) -> str:

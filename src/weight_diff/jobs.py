@@ -14,7 +14,7 @@ import hashlib
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import safetensors
@@ -109,7 +109,9 @@ def make_diff(
             records[job.name] = TensorRecord(raw=digests.raw, diff=digests.diff, result=digests.result)
 
         def manifest_bytes() -> bytes:
-            manifest = Manifest(rules=_rules(plan), tool=_tool_versions(), tensors=records)
+            manifest = Manifest(
+                rules=_rules(plan), tool=_tool_versions(), tensors={job.name: records[job.name] for job in plan.jobs}
+            )
             return manifest.to_json().encode()
 
         config = files.config_with_dtype(files.read_config(tuned_dir), torch.float32)
@@ -118,7 +120,7 @@ def make_diff(
             hashing=Hashing(raw=True, diff=True, result=True), on_tensor=on_tensor, config=config,
             companions=files.companion_files(tuned_dir), extra_files={MANIFEST_NAME: manifest_bytes},
             chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress,
-            on_plan=on_plan, has_manifest=True,
+            on_plan=on_plan, has_manifest=True, records=records,
         )  # fmt: skip
 
 
@@ -140,25 +142,34 @@ def _run(
     progress: Callable[[int], None] | None,
     on_plan: Callable[[Plan], None] | None,
     has_manifest: bool,
+    records: dict[str, TensorRecord] | None = None,
 ) -> RunReport:
+    """Run a planned job into ``out``; ``records`` collects make-diff's tensor hashes, across --resume too."""
     started = time.monotonic()
-    inputs = [raw.directory, other.directory]
-    fingerprint = output.plan_fingerprint(mode, plan, inputs)
+    fingerprint = output.plan_fingerprint(mode, plan, [raw.directory, other.directory])
+    # Everything that can refuse the run does so before the first write.
+    journal = (
+        output.Journal.load(out, fingerprint) if resume else output.Journal(out / output.JOURNAL_NAME, fingerprint)
+    )
+    done = journal.finished_shards()
+    output.check_free_space(out, sum(s.nbytes for s in plan.shards if s.file_name not in done))
     if overwrite and out.is_dir() and not resume:
         output.clear_for_overwrite(out)
     output.make_output_dir(out)
     output.remove_partials(out)
-    journal = output.Journal.start(out, fingerprint, resume=resume)
-    done = journal.finished_shards(out) if resume else frozenset()
-    if mode == "make-diff" and done:
-        # The manifest needs every tensor's hashes, so a resumed make-diff recomputes finished shards' hashes.
-        done = frozenset()
-    remaining = sum(s.nbytes for s in plan.shards if s.file_name not in done)
-    output.check_free_space(out, remaining)
+    journal.save()
+    if records is not None:
+        records.update({name: TensorRecord.from_dict(body) for name, body in journal.tensors.items()})
+    shard_jobs = {shard.file_name: shard.jobs for shard in plan.shards}
+
+    def on_shard(name: str, digest: str) -> None:
+        kept = {job.name: asdict(records[job.name]) for job in shard_jobs[name]} if records is not None else None
+        journal.record(name, digest, kept)
+
     if on_plan is not None:
         on_plan(plan)
     pipeline = Pipeline(
-        plan, raw, other, out, mode=mode, hashing=hashing, on_tensor=on_tensor, on_shard=journal.record,
+        plan, raw, other, out, mode=mode, hashing=hashing, on_tensor=on_tensor, on_shard=on_shard,
         progress=progress or (lambda nbytes: None),
     )  # fmt: skip
     pipeline.run(skip=done)
@@ -167,7 +178,9 @@ def _run(
     for path in companions:
         small[path.name] = path.read_bytes()
     if chat_template is not None:
-        small["tokenizer_config.json"] = files.with_chat_template(small.get("tokenizer_config.json", b""), chat_template)
+        small["tokenizer_config.json"] = files.with_chat_template(
+            small.get("tokenizer_config.json", b""), chat_template
+        )
     if len(plan.shards) > 1:
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map}
         small[SAFETENSORS_INDEX] = files.json_bytes(index)

@@ -50,6 +50,10 @@ class TensorRecord:
     diff: Digest
     result: Digest
 
+    @classmethod
+    def from_dict(cls, body: dict) -> TensorRecord:
+        return cls(**{part: Digest(**body[part]) for part in ("raw", "diff", "result")})
+
 
 @dataclass
 class Manifest:
@@ -82,10 +86,7 @@ class Manifest:
                 raise ValueError("not a weight-diff manifest")
             if body.get("version") != MANIFEST_VERSION:
                 raise ValueError(f"version {body.get('version')}; this tool reads version {MANIFEST_VERSION}")
-            tensors = {
-                name: TensorRecord(**{part: Digest(**record[part]) for part in ("raw", "diff", "result")})
-                for name, record in body["tensors"].items()
-            }
+            tensors = {name: TensorRecord.from_dict(record) for name, record in body["tensors"].items()}
             return cls(rules=body["rules"], tool=body["tool"], tensors=tensors)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise IntegrityError(f"{path}: unreadable manifest ({exc}); download it again") from None

@@ -94,49 +94,47 @@ def plan_fingerprint(mode: str, plan: Plan, inputs: list[Path]) -> str:
 
 @dataclass
 class Journal:
-    """The shards an interrupted run finished, with their SHA-256, kept in the output until the run ends."""
+    """What an unfinished run has completed: shards with their SHA-256 and, for make-diff, the tensor hashes its
+    manifest will need. Kept hidden in the output until the run ends; ``--resume`` reads it."""
 
     path: Path
     fingerprint: str
     shards: dict[str, str] = field(default_factory=dict)
+    tensors: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, out: Path, fingerprint: str, *, resume: bool) -> Journal:
-        """Return a fresh journal, or on --resume the previous run's, refusing one made for other inputs."""
-        journal = cls(out / JOURNAL_NAME, fingerprint)
-        if resume:
-            try:
-                body = json.loads(journal.path.read_text())
-                previous, shards = body["fingerprint"], dict(body["shards"])
-            except (OSError, ValueError, KeyError, TypeError):
-                raise UsageError(f"{journal.path}: unreadable; run again with --overwrite instead of --resume") from None
-            if previous != fingerprint:
-                raise UsageError(
-                    f"{out}: the interrupted run there used other inputs or options; repeat its exact command "
-                    "with --resume, or use --overwrite to start again"
-                )
-            journal.shards = shards
-        journal.save()
-        return journal
+    def load(cls, out: Path, fingerprint: str) -> Journal:
+        """Return the interrupted run's journal, refusing one made from other inputs or options."""
+        path = out / JOURNAL_NAME
+        try:
+            body = json.loads(path.read_text())
+            previous, shards, tensors = body["fingerprint"], dict(body["shards"]), dict(body["tensors"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UsageError(f"{path}: unreadable; start again with --overwrite instead of --resume") from None
+        if previous != fingerprint:
+            raise UsageError(
+                f"{out}: the interrupted run there used other inputs or options; repeat its exact command "
+                "with --resume, or use --overwrite to start again"
+            )
+        return cls(path, fingerprint, shards, tensors)
 
-    def finished_shards(self, out: Path) -> frozenset[str]:
-        """Return shards from the journal whose files are still there and still hash as recorded."""
-        kept = set()
-        for name, digest in self.shards.items():
-            path = out / name
-            if path.is_file() and file_sha256(path) == digest:
-                kept.add(name)
-            else:
-                path.unlink(missing_ok=True)
+    def finished_shards(self) -> frozenset[str]:
+        """Return the journal's shards whose files are still there and still hash as recorded; forget the rest."""
+        out = self.path.parent
+        kept = {
+            name for name, digest in self.shards.items() if (out / name).is_file() and file_sha256(out / name) == digest
+        }
         self.shards = {name: self.shards[name] for name in kept}
         return frozenset(kept)
 
-    def record(self, shard_name: str, digest: str) -> None:
+    def record(self, shard_name: str, digest: str, tensors: dict[str, dict] | None = None) -> None:
         self.shards[shard_name] = digest
+        self.tensors.update(tensors or {})
         self.save()
 
     def save(self) -> None:
-        write_atomic(self.path, json.dumps({"fingerprint": self.fingerprint, "shards": self.shards}).encode())
+        body = {"fingerprint": self.fingerprint, "shards": self.shards, "tensors": self.tensors}
+        write_atomic(self.path, json.dumps(body).encode())
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ writeback overlap reading and arithmetic. A buffer set is reused only after ever
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections import deque
 from collections.abc import Callable
@@ -169,10 +170,8 @@ class Pipeline:
             digest = self._lanes["write"].submit(writer.finish).result()
         except BaseException:
             for buffers in self._ring:
-                try:
+                with contextlib.suppress(BaseException):  # the first failure is already on its way up
                     buffers.wait()
-                except BaseException:
-                    pass
             writer.abort()
             raise
         self.on_shard(shard.file_name, digest)

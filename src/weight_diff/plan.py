@@ -123,7 +123,9 @@ def _describe_unmatched(missing: list[str], extra: list[str], other_role: str) -
         parts.append(f"{len(missing)} {other_role} tensors have no raw counterpart (first: {missing[0]})")
     if extra:
         parts.append(f"{len(extra)} raw tensors are not in the {other_role} (first: {extra[0]})")
-    layers = "; the two models have different numbers of layers" if any(".layers." in n for n in missing + extra) else ""
+    layers = (
+        "; the two models have different numbers of layers" if any(".layers." in n for n in missing + extra) else ""
+    )
     return "; ".join(parts) + f"{layers}. Are raw and {other_role} the same architecture and size?"
 
 
@@ -188,7 +190,17 @@ def plan_shards(jobs: list[TensorJob], max_bytes: int) -> tuple[ShardPlan, ...]:
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: str | int) -> int:

@@ -53,8 +53,12 @@ class ShardWriter:
         self._unsynced = 0
         self._hasher = hashlib.sha256()
         self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        os.fchmod(self._fd, FILE_MODE)
-        self.write(header)
+        try:
+            os.fchmod(self._fd, FILE_MODE)
+            self.write(header)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, data: bytes | memoryview) -> None:
         """Append bytes to the shard; ENOSPC becomes a DiskFullError after the partial file is removed."""

@@ -1,0 +1,284 @@
+"""Every bad input gets one clear line and an exit status; nothing half-written looks whole; inputs never change."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import load_tensors, snapshot
+from weight_diff import output, writer
+from weight_diff.cli import main
+from weight_diff.jobs import recover
+from weight_diff.tiny_llama import save_checkpoint
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def recover_cli(raw, diff, out, *extra):
+    return run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", out, "--quiet", *extra)
+
+
+def assert_refused(result, status, message, out, *inputs_before):
+    assert result.exit_code == status, result.output
+    assert message in result.output, result.output
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
+    assert not (out / "config.json").exists(), "a failed run left a model behind"
+    assert not list(out.glob("*.partial")) if out.is_dir() else True
+    for directory, before in inputs_before:
+        assert snapshot(directory) == before, f"{directory} was changed"
+
+
+# --- damaged or wrong inputs ------------------------------------------------------------------------------------
+
+
+def remove_second_shard(diff):
+    (diff / "pytorch_model-00002-of-00002.bin").unlink()
+    return "pytorch_model-00002-of-00002.bin: shard named in pytorch_model.bin.index.json is missing"
+
+
+def truncate_shard(diff):
+    path = diff / "pytorch_model-00001-of-00002.bin"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return "pytorch_model-00001-of-00002.bin: not a"
+
+
+def garbage_safetensors(diff):
+    for path in diff.glob("*.bin*"):
+        path.unlink()
+    (diff / "model.safetensors").write_bytes(os.urandom(10_000))
+    return "model.safetensors: not a safetensors file"
+
+
+def corrupt_zip(diff):
+    path = diff / "pytorch_model-00002-of-00002.bin"
+    data = bytearray(path.read_bytes())
+    data[40:400] = os.urandom(360)  # the pickle record and its zip header
+    path.write_bytes(bytes(data))
+    return "pytorch_model-00002-of-00002.bin: not a"
+
+
+def no_weights(diff):
+    for path in diff.glob("pytorch_model*"):
+        path.unlink()
+    return "no weights in a known layout"
+
+
+def integer_tensor(diff):
+    tensors = load_tensors(diff)
+    tensors["model.norm.weight"] = torch.zeros(64, dtype=torch.int64)
+    for path in diff.glob("pytorch_model*"):
+        path.unlink()
+    save_checkpoint(tensors, diff, fmt="safetensors")
+    return "diff tensor model.norm.weight is torch.int64, not floating point"
+
+
+@pytest.mark.parametrize("damage", [remove_second_shard, truncate_shard, garbage_safetensors, corrupt_zip,
+                                    no_weights, integer_tensor])  # fmt: skip
+def test_a_damaged_diff_is_named_and_nothing_is_written(pair, legacy_diff, copy_dir, tmp_path, damage):
+    raw, _ = pair
+    diff = copy_dir(legacy_diff)
+    message = damage(diff)
+    raw_before, diff_before = snapshot(raw), snapshot(diff)
+    result = recover_cli(raw, diff, tmp_path / "out")
+    assert_refused(result, 1, message, tmp_path / "out", (raw, raw_before), (diff, diff_before))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_its_marker_never_appears(pair, legacy_diff, copy_dir, tmp_path):
+    raw, _ = pair
+    diff = copy_dir(legacy_diff)
+    marker = tmp_path / "marker-must-not-exist"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"lm_head.weight": Payload()}, diff / "pytorch_model-00001-of-00002.bin")
+    before = snapshot(diff)
+    result = recover_cli(raw, diff, tmp_path / "out")
+    assert_refused(result, 1, "refused: its pickle holds code", tmp_path / "out", (diff, before))
+    assert "it was not executed" in result.output and "posix.system" in result.output
+    assert not marker.exists()
+
+
+def test_a_7b_sized_raw_for_this_diff_names_both_sizes(build_pair, legacy_diff, tmp_path):
+    raw, _ = build_pair(config_overrides={"hidden_size": 32})
+    result = recover_cli(raw, legacy_diff, tmp_path / "out")
+    assert_refused(result, 1, "raw looks like a model (hidden 32, vocab 320), diff like a model (hidden 64, vocab 321)",
+                   tmp_path / "out")  # fmt: skip
+
+
+def test_missing_layers_are_named(build_pair, legacy_diff, tmp_path):
+    raw, _ = build_pair(config_overrides={"num_hidden_layers": 1})
+    result = recover_cli(raw, legacy_diff, tmp_path / "out")
+    assert_refused(result, 1, "9 diff tensors have no raw counterpart (first: model.layers.1.", tmp_path / "out")
+    assert "different numbers of layers" in result.output
+
+
+# --- refusals that lose nothing -----------------------------------------------------------------------------------
+
+
+def test_a_non_empty_output_is_refused_untouched(pair, made_diff, tmp_path):
+    raw, _ = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = recover_cli(raw, made_diff, out)
+    assert result.exit_code == 2 and "exists and is not empty" in result.output
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
+    replaced = recover_cli(raw, made_diff, out, "--overwrite")
+    assert replaced.exit_code == 0 and not (out / "precious.txt").exists() and (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("where", ["inside-diff", "is-diff", "holds-raw"])
+def test_an_output_that_is_in_or_holds_an_input_is_refused_even_with_overwrite(pair, made_diff, copy_dir,
+                                                                                  tmp_path, where):  # fmt: skip
+    raw, _ = pair
+    diff = copy_dir(made_diff)
+    raw_copy = copy_dir(raw, "raw")
+    out = {"inside-diff": diff / "tuned", "is-diff": diff, "holds-raw": tmp_path}[where]
+    before = snapshot(diff), snapshot(raw_copy)
+    result = recover_cli(raw_copy, diff, out, "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert "the output is, or lies inside, the input" in result.output or "the output holds the input" in result.output
+    assert (snapshot(diff), snapshot(raw_copy)) == before
+
+
+def test_not_enough_disk_is_refused_before_any_write(pair, made_diff, tmp_path, monkeypatch):
+    raw, _ = pair
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda path: os.statvfs_result((0,) * 10) and _Usage(1000))
+    result = recover_cli(raw, made_diff, tmp_path / "out")
+    assert result.exit_code == 1
+    assert "not enough free disk: the output needs" in result.output and "has 0.00 GB free" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+class _Usage:
+    def __init__(self, free):
+        self.free, self.total, self.used = free, free, 0
+
+
+def test_a_disk_filling_up_stops_cleanly_and_resume_finishes(pair, made_diff, tmp_path, monkeypatch):
+    raw, _ = pair
+    reference = tmp_path / "reference"
+    recover(raw, made_diff, reference, max_shard_size="100KB")
+    budget = {"left": 250_000}
+    real_write = os.write
+
+    def filling_write(fd, data):
+        if budget["left"] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        budget["left"] -= len(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer.os, "write", filling_write)
+    out = tmp_path / "out"
+    result = recover_cli(raw, made_diff, out, "--max-shard-size", "100KB")
+    assert result.exit_code == 1 and "disk full while writing model-0000" in result.output
+    assert "--resume" in result.output
+    assert not (out / "config.json").exists() and not list(out.glob("*.partial"))
+    kept = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert kept and len(kept) < len(list(reference.glob("model-*.safetensors")))
+
+    monkeypatch.setattr(writer.os, "write", real_write)  # space freed
+    resumed = recover_cli(raw, made_diff, out, "--max-shard-size", "100KB", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"{len(kept)} kept from the interrupted run" in resumed.output
+    assert snapshot(out) == snapshot(reference) | {}  # byte-identical to an uninterrupted run
+
+
+def test_an_interrupted_run_leaves_no_model_and_resume_gives_the_identical_result(pair, made_diff, tmp_path):
+    raw, _ = pair
+    reference = tmp_path / "reference"
+    recover(raw, made_diff, reference, max_shard_size="100KB")
+    written = {"bytes": 0}
+
+    def interrupt_midway(nbytes):
+        written["bytes"] += nbytes
+        if written["bytes"] > 300_000:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        recover(raw, made_diff, out, max_shard_size="100KB", progress=interrupt_midway)
+    assert not (out / "config.json").exists() and not list(out.glob("*.partial"))
+    assert (out / output.JOURNAL_NAME).is_file()
+    with pytest.raises(Exception, match="other inputs or options"):
+        recover(raw, made_diff, out, max_shard_size="200KB", resume=True)
+    report = recover(raw, made_diff, out, max_shard_size="100KB", resume=True)
+    assert report.resumed_shards >= 2 and report.verified
+    assert snapshot(out) == snapshot(reference)
+
+
+def test_resume_with_nothing_to_resume_is_a_usage_error(pair, made_diff, tmp_path):
+    raw, _ = pair
+    result = recover_cli(raw, made_diff, tmp_path / "fresh", "--resume")
+    assert result.exit_code == 2 and "nothing to resume" in result.output
+
+
+def test_make_diff_resumes_with_a_complete_manifest(pair, tmp_path):
+    from weight_diff.jobs import make_diff
+
+    raw, tuned = pair
+    make_diff(raw, tuned, tmp_path / "reference", max_shard_size="100KB")
+    count = {"bytes": 0}
+
+    def interrupt(nbytes):
+        count["bytes"] += nbytes
+        if count["bytes"] > 300_000:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_diff(raw, tuned, tmp_path / "diff", max_shard_size="100KB", progress=interrupt)
+    report = make_diff(raw, tuned, tmp_path / "diff", max_shard_size="100KB", resume=True)
+    assert report.resumed_shards >= 2
+    ours = json.loads((tmp_path / "diff" / "weight-diff-manifest.json").read_text())
+    reference = json.loads((tmp_path / "reference" / "weight-diff-manifest.json").read_text())
+    assert ours["tensors"] == reference["tensors"]
+
+
+SLOW_RECOVER = """
+import sys, time
+from weight_diff import writer
+real = writer.ShardWriter.write
+def slow(self, data):
+    time.sleep(0.02)
+    return real(self, data)
+writer.ShardWriter.write = slow
+from weight_diff.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_running_recovery_within_seconds_and_resume_finishes(pair, made_diff, tmp_path, signum):
+    raw, _ = pair
+    out = tmp_path / "out"
+    args = ["recover", "--path_raw", str(raw), "--path_diff", str(made_diff), "--path_tuned", str(out),
+            "--max-shard-size", "20KB", "--quiet"]  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-c", SLOW_RECOVER, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    journal = out / output.JOURNAL_NAME
+    while time.monotonic() < deadline and not (journal.is_file() and '.safetensors"' in journal.read_text()):
+        time.sleep(0.01)  # until a finished shard is journaled
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    sent = time.monotonic()
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - sent < 5
+    assert process.returncode == 130
+    assert stderr.strip() == "error: interrupted; finished shards were kept. Run the same command with --resume to continue"
+    assert not (out / "config.json").exists() and not list(out.glob("*.partial"))
+    resumed = subprocess.run([sys.executable, "-m", "weight_diff.cli", *args, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "kept from the interrupted run" in resumed.stdout and "verified: 21 tensors" in resumed.stdout
