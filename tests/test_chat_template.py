@@ -158,11 +158,6 @@ def test_a_diffs_chat_template_jinja_is_kept_without_the_flag(pair, diff_with_ji
     assert apply(out, HI) == "[user] Hi\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobs._run writes the template into tokenizer_config.json but still copies the diff's "
-    "chat_template.jinja, which transformers 5 prefers; remove this mark once _run no longer carries that file",
-)
 def test_the_flag_wins_over_a_chat_template_jinja_in_the_diff(pair, diff_with_jinja_file, tmp_path):
     out = recover(pair[0], diff_with_jinja_file, tmp_path / "out", "--chat-template", "open-instruct")
 
