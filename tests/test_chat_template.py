@@ -103,9 +103,20 @@ def test_a_template_file_of_the_users_own(pair, diff, tmp_path):
 
 def test_neither_a_built_in_name_nor_a_file_is_a_usage_error(pair, diff, tmp_path):
     result = CliRunner().invoke(
-        main, ["recover", "--path_raw", str(pair[0]), "--path_diff", str(diff), "--path_tuned",
-               str(tmp_path / "out"), "--chat-template", "open-instruckt", "-q"],
-    )  # fmt: skip
+        main,
+        [
+            "recover",
+            "--path_raw",
+            str(pair[0]),
+            "--path_diff",
+            str(diff),
+            "--path_tuned",
+            str(tmp_path / "out"),
+            "--chat-template",
+            "open-instruckt",
+            "-q",
+        ],
+    )
 
     assert result.exit_code == 2
     assert "--chat-template open-instruckt: neither a built-in template (open-instruct) nor a readable file" in (
@@ -115,8 +126,17 @@ def test_neither_a_built_in_name_nor_a_file_is_a_usage_error(pair, diff, tmp_pat
 
 def test_make_diff_embeds_the_template_and_recover_keeps_it_without_the_flag(pair, tmp_path):
     diff = tmp_path / "diff"
-    cli("make-diff", "--path_raw", pair[0], "--path_tuned", pair[1], "--path_diff", diff,
-        "--chat-template", "open-instruct")  # fmt: skip
+    cli(
+        "make-diff",
+        "--path_raw",
+        pair[0],
+        "--path_tuned",
+        pair[1],
+        "--path_diff",
+        diff,
+        "--chat-template",
+        "open-instruct",
+    )
     assert json.loads((diff / "tokenizer_config.json").read_text())["chat_template"] == OPEN_INSTRUCT
 
     out = recover(pair[0], diff, tmp_path / "out")
@@ -126,8 +146,17 @@ def test_make_diff_embeds_the_template_and_recover_keeps_it_without_the_flag(pai
 
 def test_the_flag_replaces_a_template_the_diff_carries_in_tokenizer_config(pair, tmp_path):
     diff = tmp_path / "diff"
-    cli("make-diff", "--path_raw", pair[0], "--path_tuned", pair[1], "--path_diff", diff,
-        "--chat-template", "open-instruct")  # fmt: skip
+    cli(
+        "make-diff",
+        "--path_raw",
+        pair[0],
+        "--path_tuned",
+        pair[1],
+        "--path_diff",
+        diff,
+        "--chat-template",
+        "open-instruct",
+    )
     template = tmp_path / "mine.jinja"
     template.write_text(OWN_TEMPLATE)
 

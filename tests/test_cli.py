@@ -17,8 +17,17 @@ def run(*args):
 def test_the_model_cards_command_recovers_verbatim(pair, made_diff, tmp_path):
     raw, tuned = pair
     out = tmp_path / "recovered"
-    command = [sys.executable, str(REPO / "scripts" / "weight_diff.py"), "recover",
-               "--path_raw", str(raw), "--path_tuned", str(out), "--path_diff", str(made_diff)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "weight_diff.py"),
+        "recover",
+        "--path_raw",
+        str(raw),
+        "--path_tuned",
+        str(out),
+        "--path_diff",
+        str(made_diff),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "verified: 21 tensors match the publisher's manifest" in result.stdout
@@ -27,8 +36,18 @@ def test_the_model_cards_command_recovers_verbatim(pair, made_diff, tmp_path):
 
 def test_the_model_cards_make_diff_spelling_works(pair, tmp_path):
     raw, tuned = pair
-    command = [sys.executable, str(REPO / "scripts" / "weight_diff.py"), "make_diff", "--path_raw", str(raw),
-               "--path_tuned", str(tuned), "--path_diff", str(tmp_path / "diff"), "--quiet"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "weight_diff.py"),
+        "make_diff",
+        "--path_raw",
+        str(raw),
+        "--path_tuned",
+        str(tuned),
+        "--path_diff",
+        str(tmp_path / "diff"),
+        "--quiet",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "diff" / "weight-diff-manifest.json").is_file()
@@ -36,8 +55,20 @@ def test_the_model_cards_make_diff_spelling_works(pair, tmp_path):
 
 def test_hyphenated_flags_work_too(pair, made_diff, tmp_path):
     raw, tuned = pair
-    result = run("recover", "--path-raw", raw, "--path-diff", made_diff, "--path-tuned", tmp_path / "out",
-                 "--dtype", "bfloat16", "--max-shard-size", "100KB", "--quiet")  # fmt: skip
+    result = run(
+        "recover",
+        "--path-raw",
+        raw,
+        "--path-diff",
+        made_diff,
+        "--path-tuned",
+        tmp_path / "out",
+        "--dtype",
+        "bfloat16",
+        "--max-shard-size",
+        "100KB",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     assert "recovered 21 tensors" in result.output and "shards" in result.output
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
@@ -45,8 +76,18 @@ def test_hyphenated_flags_work_too(pair, made_diff, tmp_path):
 
 def test_progress_bar_in_bytes_goes_to_stderr_unless_quiet(pair, made_diff, tmp_path):
     raw, _ = pair
-    command = [sys.executable, "-m", "weight_diff.cli", "recover", "--path_raw", str(raw), "--path_diff",
-               str(made_diff), "--path_tuned", str(tmp_path / "out")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "weight_diff.cli",
+        "recover",
+        "--path_raw",
+        str(raw),
+        "--path_diff",
+        str(made_diff),
+        "--path_tuned",
+        str(tmp_path / "out"),
+    ]
     loud = subprocess.run(command, capture_output=True, text=True)
     assert loud.returncode == 0 and "recover: 100%" in loud.stderr and "B/s" in loud.stderr
     quiet = subprocess.run(command[:-1] + [str(tmp_path / "out2"), "--quiet"], capture_output=True, text=True)
@@ -58,8 +99,9 @@ def test_help_is_complete_and_shows_an_example(command):
     result = run(*command, "--help")
     assert result.exit_code == 0
     assert "Example" in result.output
-    for flag in {"recover": ["--path_raw", "--path-diff", "--dtype", "--max-shard-size", "--quiet", "--resume",
-                             "--overwrite"]}.get(command[0] if command else "", []):  # fmt: skip
+    for flag in {
+        "recover": ["--path_raw", "--path-diff", "--dtype", "--max-shard-size", "--quiet", "--resume", "--overwrite"]
+    }.get(command[0] if command else "", []):
         assert flag in result.output
 
 
@@ -90,8 +132,9 @@ def test_a_model_given_as_the_diff_is_refused(pair, tmp_path, original):
 def test_errors_are_one_line_without_traceback_and_inputs_stay_untouched(pair, made_diff, tmp_path):
     raw, _ = pair
     before = snapshot(raw)
-    result = run("recover", "--path_raw", tmp_path / "missing", "--path_diff", made_diff, "--path_tuned",
-                 tmp_path / "out")  # fmt: skip
+    result = run(
+        "recover", "--path_raw", tmp_path / "missing", "--path_diff", made_diff, "--path_tuned", tmp_path / "out"
+    )
     assert result.exit_code == 1
     assert result.output.strip().startswith("error: ") and len(result.output.strip().splitlines()) == 1
     assert "missing: no such directory" in result.output
@@ -102,6 +145,8 @@ def test_the_recovered_model_matches_the_fine_tune_through_the_cli(pair, made_di
     import torch
 
     raw, tuned = pair
-    assert run("recover", "--path_raw", raw, "--path_diff", made_diff, "--path_tuned", tmp_path / "o", "-q").exit_code == 0
+    assert (
+        run("recover", "--path_raw", raw, "--path_diff", made_diff, "--path_tuned", tmp_path / "o", "-q").exit_code == 0
+    )
     ours, expected = load_tensors(tmp_path / "o"), load_tensors(tuned)
     assert all(torch.allclose(ours[n], t, rtol=0, atol=1e-6) for n, t in expected.items())

@@ -31,9 +31,12 @@ def greedy_reference(model_dir: Path, prompt_text: str, max_new_tokens: int, *, 
     ids = torch.tensor([[tokenizer.bos_token_id] * add_bos + ids])
     with torch.inference_mode():
         output = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
+        )
     new = output[0, ids.shape[1] :]
     assert 0 < len(new) <= max_new_tokens
     return tokenizer.decode(new, skip_special_tokens=True)
@@ -92,9 +95,19 @@ def test_a_recovered_model_generates_like_the_model_it_recovers(pair, tmp_path):
     runner = CliRunner()
     for command in (
         ["make-diff", "--path_raw", pair[0], "--path_tuned", pair[1], "--path_diff", tmp_path / "diff", "-q"],
-        ["recover", "--path_raw", pair[0], "--path_diff", tmp_path / "diff", "--path_tuned", tmp_path / "out",
-         "--chat-template", "open-instruct", "-q"],
-    ):  # fmt: skip
+        [
+            "recover",
+            "--path_raw",
+            pair[0],
+            "--path_diff",
+            tmp_path / "diff",
+            "--path_tuned",
+            tmp_path / "out",
+            "--chat-template",
+            "open-instruct",
+            "-q",
+        ],
+    ):
         assert runner.invoke(main, list(map(str, command))).exit_code == 0
 
     recovered = generate(tmp_path / "out", "--prompt", PROMPT, "--max-new-tokens", 8)
@@ -106,8 +119,9 @@ def test_a_recovered_model_generates_like_the_model_it_recovers(pair, tmp_path):
 
 def test_a_diff_is_refused(pair, tmp_path):
     diff = tmp_path / "diff"
-    result = CliRunner().invoke(main, list(map(str, ["make-diff", "--path_raw", pair[0], "--path_tuned", pair[1],
-                                                     "--path_diff", diff, "-q"])))  # fmt: skip
+    result = CliRunner().invoke(
+        main, list(map(str, ["make-diff", "--path_raw", pair[0], "--path_tuned", pair[1], "--path_diff", diff, "-q"]))
+    )
     assert result.exit_code == 0
 
     code, out, err = generate(diff, "--prompt", PROMPT)

@@ -26,9 +26,19 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
     runner = CliRunner()
     for command in (
         ["make-diff", "--path_raw", raw, "--path_tuned", tuned, "--path_diff", work / "diff", "-q"],
-        ["recover", "--path_raw", raw, "--path_diff", work / "diff", "--path_tuned", work / "out", "-q",
-         "--max-shard-size", "300KB"],
-    ):  # fmt: skip
+        [
+            "recover",
+            "--path_raw",
+            raw,
+            "--path_diff",
+            work / "diff",
+            "--path_tuned",
+            work / "out",
+            "-q",
+            "--max-shard-size",
+            "300KB",
+        ],
+    ):
         result = runner.invoke(main, list(map(str, command)))
         assert result.exit_code == 0, result.output
     return {"raw": raw, "tuned": tuned, "diff": work / "diff", "out": work / "out"}
@@ -115,8 +125,11 @@ def test_json_output_for_scripts(dirs):
     assert code == 0
     body = json.loads(text)
     assert (body["kind"], body["manifest"], body["parameters"], body["vocab_size"]) == (
-        "diff", True, PARAMETERS_TUNED, 321,
-    )  # fmt: skip
+        "diff",
+        True,
+        PARAMETERS_TUNED,
+        321,
+    )
     assert body["sums"] == {"status": "verified", "files": 6, "problems": []}
     assert body["base"].endswith(f"{PARAMETERS_RAW:,} parameters")
 
@@ -137,8 +150,8 @@ def test_a_changed_missing_or_unlisted_file_is_a_checksum_mismatch(dirs, tmp_pat
 
     assert code == 0
     assert field(text, "checksums") == (
-        "SHA256SUMS mismatch: generation_config.json (missing), model-00002-of-00002.safetensors (differs), "
-        "model.safetensors.index.json (differs), model-extra.safetensors (not listed)"
+        "SHA256SUMS mismatch: generation_config.json (missing), model-00002-of-00002.safetensors (content changed), "
+        "model.safetensors.index.json (content changed), model-extra.safetensors (not listed)"
     )
     assert field(text, "kind").startswith("model")
 

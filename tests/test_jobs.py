@@ -17,8 +17,11 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: f"{layout['raw_fmt']}x{layout['raw_shards']}-"
-                                                              f"{layout['tuned_fmt']}x{layout['tuned_shards']}")  # fmt: skip
+@pytest.mark.parametrize(
+    "layout",
+    LAYOUTS,
+    ids=lambda layout: f"{layout['raw_fmt']}x{layout['raw_shards']}-{layout['tuned_fmt']}x{layout['tuned_shards']}",
+)
 def test_make_diff_then_recover_gives_back_the_fine_tune(build_pair, tmp_path, layout):
     raw, tuned = build_pair(**layout)
     before = snapshot(raw) | {f"tuned/{k}": v for k, v in snapshot(tuned).items()}
@@ -38,8 +41,15 @@ def test_make_diff_then_recover_gives_back_the_fine_tune(build_pair, tmp_path, l
 
 def test_diff_directory_holds_weights_manifest_and_the_tuned_models_files(made_diff, pair):
     names = {path.name for path in made_diff.iterdir()}
-    assert {"weight-diff-manifest.json", "SHA256SUMS", "config.json", "generation_config.json",
-            "tokenizer_config.json", "tokenizer.json", "model.safetensors.index.json"} <= names  # fmt: skip
+    assert {
+        "weight-diff-manifest.json",
+        "SHA256SUMS",
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "tokenizer.json",
+        "model.safetensors.index.json",
+    } <= names
     assert not any(name.endswith((".bin", ".partial")) for name in names)
     config = json.loads((made_diff / "config.json").read_text())
     assert (config["dtype"], config["torch_dtype"], config["vocab_size"]) == ("float32", "float32", 321)

@@ -5,7 +5,8 @@ import torch
 
 from weight_diff.checkpoint import TensorInfo
 from weight_diff.errors import PlanError, UsageError
-from weight_diff.plan import describe_size, parse_size, plan_pairs, role_of
+from weight_diff.plan import describe_size, parse_size, plan_pairs
+from weight_diff.role import role_of
 
 
 def info(name, shape, dtype=torch.float32):
@@ -13,22 +14,35 @@ def info(name, shape, dtype=torch.float32):
 
 
 def llama(hidden, vocab, dtype=torch.float16, layers=1):
-    names = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    names = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
     for i in range(layers):
         names[f"model.layers.{i}.self_attn.q_proj.weight"] = (hidden, hidden)
     return {n: info(n, s, dtype) for n, s in names.items()}
 
 
 def plan(raw, other, **options):
-    return plan_pairs(raw, other, other_role="diff", out_dtype=options.pop("out_dtype", "auto"),
-                      max_shard_size=options.pop("max_shard_size", "5GB"))  # fmt: skip
+    return plan_pairs(
+        raw,
+        other,
+        other_role="diff",
+        out_dtype=options.pop("out_dtype", "auto"),
+        max_shard_size=options.pop("max_shard_size", "5GB"),
+    )
 
 
 def test_added_vocab_row_is_planned_for_embeddings_and_lm_head_only():
     result = plan(llama(64, 320), llama(64, 321, torch.float32))
     added = {job.name: job.added_rows for job in result.jobs}
-    assert added == {"model.embed_tokens.weight": 1, "lm_head.weight": 1, "model.norm.weight": 0,
-                     "model.layers.0.self_attn.q_proj.weight": 0}  # fmt: skip
+    assert added == {
+        "model.embed_tokens.weight": 1,
+        "lm_head.weight": 1,
+        "model.norm.weight": 0,
+        "model.layers.0.self_attn.q_proj.weight": 0,
+    }
     assert all(job.out_dtype == torch.float32 for job in result.jobs)  # auto keeps the diff's dtype
 
 
@@ -70,9 +84,7 @@ def test_output_dtype_can_be_chosen_and_bad_names_are_usage_errors():
 def test_shards_respect_the_maximum_and_follow_hugging_face_names():
     raw, diff = llama(64, 320, layers=4), llama(64, 321, torch.float32, layers=4)
     result = plan(raw, diff, max_shard_size=100_000)
-    assert [shard.file_name for shard in result.shards] == [
-        f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)
-    ]
+    assert [shard.file_name for shard in result.shards] == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
     assert all(shard.nbytes <= 100_000 for shard in result.shards)
     assert result.total_size == sum(job.out_nbytes for job in result.jobs)
     assert set(result.weight_map) == set(diff)
@@ -85,8 +97,10 @@ def test_a_tensor_larger_than_the_maximum_gets_a_shard_of_its_own():
     assert len(result.shards) == len(result.jobs)
 
 
-@pytest.mark.parametrize("text, expected", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30),
-                                            ("1024", 1024), ("1.5 kb", 1500)])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, expected",
+    [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), ("1024", 1024), ("1.5 kb", 1500)],
+)
 def test_sizes_parse_like_hugging_face(text, expected):
     assert parse_size(text) == expected
 

@@ -81,8 +81,9 @@ def integer_tensor(diff):
     return "diff tensor model.norm.weight is torch.int64, not floating point"
 
 
-@pytest.mark.parametrize("damage", [remove_second_shard, truncate_shard, garbage_safetensors, corrupt_zip,
-                                    no_weights, integer_tensor])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage", [remove_second_shard, truncate_shard, garbage_safetensors, corrupt_zip, no_weights, integer_tensor]
+)
 def test_a_damaged_diff_is_named_and_nothing_is_written(pair, legacy_diff, copy_dir, tmp_path, damage):
     raw, _ = pair
     diff = copy_dir(legacy_diff)
@@ -113,8 +114,12 @@ def test_a_pickle_that_would_run_code_is_refused_and_its_marker_never_appears(pa
 def test_a_7b_sized_raw_for_this_diff_names_both_sizes(build_pair, legacy_diff, tmp_path):
     raw, _ = build_pair(config_overrides={"hidden_size": 32})
     result = recover_cli(raw, legacy_diff, tmp_path / "out")
-    assert_refused(result, 1, "raw looks like a model (hidden 32, vocab 320), diff like a model (hidden 64, vocab 321)",
-                   tmp_path / "out")  # fmt: skip
+    assert_refused(
+        result,
+        1,
+        "raw looks like a model (hidden 32, vocab 320), diff like a model (hidden 64, vocab 321)",
+        tmp_path / "out",
+    )
 
 
 def test_missing_layers_are_named(build_pair, legacy_diff, tmp_path):
@@ -140,8 +145,9 @@ def test_a_non_empty_output_is_refused_untouched(pair, made_diff, tmp_path):
 
 
 @pytest.mark.parametrize("where", ["inside-diff", "is-diff", "holds-raw"])
-def test_an_output_that_is_in_or_holds_an_input_is_refused_even_with_overwrite(pair, made_diff, copy_dir,
-                                                                                  tmp_path, where):  # fmt: skip
+def test_an_output_that_is_in_or_holds_an_input_is_refused_even_with_overwrite(
+    pair, made_diff, copy_dir, tmp_path, where
+):
     raw, _ = pair
     diff = copy_dir(made_diff)
     raw_copy = copy_dir(raw, "raw")
@@ -263,10 +269,21 @@ main(sys.argv[1:])
 def test_a_signal_stops_a_running_recovery_within_seconds_and_resume_finishes(pair, made_diff, tmp_path, signum):
     raw, _ = pair
     out = tmp_path / "out"
-    args = ["recover", "--path_raw", str(raw), "--path_diff", str(made_diff), "--path_tuned", str(out),
-            "--max-shard-size", "20KB", "--quiet"]  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-c", SLOW_RECOVER, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = [
+        "recover",
+        "--path_raw",
+        str(raw),
+        "--path_diff",
+        str(made_diff),
+        "--path_tuned",
+        str(out),
+        "--max-shard-size",
+        "20KB",
+        "--quiet",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_RECOVER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 60
     journal = out / output.JOURNAL_NAME
     while time.monotonic() < deadline and not (journal.is_file() and '.safetensors"' in journal.read_text()):
@@ -277,8 +294,13 @@ def test_a_signal_stops_a_running_recovery_within_seconds_and_resume_finishes(pa
     _, stderr = process.communicate(timeout=30)
     assert time.monotonic() - sent < 5
     assert process.returncode == 130
-    assert stderr.strip() == "error: interrupted; finished shards were kept. Run the same command with --resume to continue"
+    assert (
+        stderr.strip()
+        == "error: interrupted; finished shards were kept. Run the same command with --resume to continue"
+    )
     assert not (out / "config.json").exists() and not list(out.glob("*.partial"))
-    resumed = subprocess.run([sys.executable, "-m", "weight_diff.cli", *args, "--resume"], capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "weight_diff.cli", *args, "--resume"], capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "kept from the interrupted run" in resumed.stdout and "verified: 21 tensors" in resumed.stdout

@@ -76,14 +76,26 @@ def _path_option(name: str, help_text: str) -> Callable:
 
 
 _common_output_options = [
-    click.option("--max-shard-size", "--max_shard_size", default="5GB", show_default=True,
-                 help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
-    click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory (never one holding an input)."),
+    click.option(
+        "--max-shard-size",
+        "--max_shard_size",
+        default="5GB",
+        show_default=True,
+        help="Largest output shard, e.g. 5GB, 500MB, 2GiB.",
+    ),
+    click.option(
+        "--overwrite", is_flag=True, help="Replace a non-empty output directory (never one holding an input)."
+    ),
     click.option("--resume", is_flag=True, help="Finish an interrupted run in the same output directory."),
-    click.option("--chat-template", "--chat_template", default=None, metavar="NAME|FILE",
-                 help="Write a chat template into tokenizer_config.json (built-in: open-instruct)."),
+    click.option(
+        "--chat-template",
+        "--chat_template",
+        default=None,
+        metavar="NAME|FILE",
+        help="Write a chat template into tokenizer_config.json (built-in: open-instruct).",
+    ),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
-]  # fmt: skip
+]
 
 
 def _output_options(command: Callable) -> Callable:
@@ -102,8 +114,15 @@ class _Progress:
         if not self.quiet:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=plan.total_size, unit="B", unit_scale=True, unit_divisor=1000, desc=self.label,
-                            file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+            self.bar = tqdm(
+                total=plan.total_size,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1000,
+                desc=self.label,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
     def update(self, nbytes: int) -> None:
         if self.bar is not None:
@@ -133,17 +152,24 @@ def main(debug: bool) -> None:
     """
 
 
-@main.command(epilog="""
+@main.command(
+    epilog="""
 \b
 Example (the Open-Instruct Self-Instruct 13B diff):
   weight-diff recover --path_raw llama-13b-hf --path_diff self-instruct-13b-diff \\
       --path_tuned self-instruct-13b --chat-template open-instruct
-""")  # fmt: skip
+"""
+)
 @_path_option("path_raw", "The raw base model (Hugging Face format), e.g. LLaMA-13B.")
 @_path_option("path_diff", "The published weight diff.")
 @_path_option("path_tuned", "Where to write the recovered model (a new directory).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Output dtype; auto keeps the diff's (float32 for 2023 diffs).")  # fmt: skip
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Output dtype; auto keeps the diff's (float32 for 2023 diffs).",
+)
 @_output_options
 @reports_errors
 def recover(path_raw, path_diff, path_tuned, dtype, max_shard_size, overwrite, resume, chat_template, quiet):
@@ -153,10 +179,17 @@ def recover(path_raw, path_diff, path_tuned, dtype, max_shard_size, overwrite, r
     progress = _Progress(quiet, "recover")
     try:
         report = run_recover(
-            path_raw, path_diff, path_tuned, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-            resume=resume, chat_template=_load_template(chat_template), progress=progress.update,
+            path_raw,
+            path_diff,
+            path_tuned,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            resume=resume,
+            chat_template=_load_template(chat_template),
+            progress=progress.update,
             on_plan=progress.on_plan,
-        )  # fmt: skip
+        )
     finally:
         progress.close()
     click.echo(_summary("recovered", report))
@@ -169,11 +202,14 @@ def recover(path_raw, path_diff, path_tuned, dtype, max_shard_size, overwrite, r
         )
 
 
-@main.command("make-diff", epilog="""
+@main.command(
+    "make-diff",
+    epilog="""
 \b
 Example:
   weight-diff make-diff --path_raw llama-13b-hf --path_tuned my-finetune --path_diff my-finetune-diff
-""")  # fmt: skip
+""",
+)
 @_path_option("path_raw", "The raw base model the fine-tune started from.")
 @_path_option("path_tuned", "The fine-tuned model.")
 @_path_option("path_diff", "Where to write the diff (a new directory).")
@@ -186,9 +222,16 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size, overwrite, resume
     progress = _Progress(quiet, "make-diff")
     try:
         report = run_make_diff(
-            path_raw, path_tuned, path_diff, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
-            chat_template=_load_template(chat_template), progress=progress.update, on_plan=progress.on_plan,
-        )  # fmt: skip
+            path_raw,
+            path_tuned,
+            path_diff,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            resume=resume,
+            chat_template=_load_template(chat_template),
+            progress=progress.update,
+            on_plan=progress.on_plan,
+        )
     finally:
         progress.close()
     click.echo(_summary("made diff of", report))
@@ -212,16 +255,23 @@ def demo(keep):
         click.echo(line)
 
 
-@main.command(epilog="""
+@main.command(
+    epilog="""
 \b
 Examples:
   weight-diff verify self-instruct-13b                                   # files against SHA256SUMS
   weight-diff verify self-instruct-13b --diff self-instruct-13b-diff     # and tensors against the manifest
   weight-diff verify self-instruct-13b-diff                              # a diff against its own manifest
-""")  # fmt: skip
+"""
+)
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--diff", "diff_dir", type=click.Path(path_type=Path), default=None,
-              help="Also check the model's tensors against this diff's manifest.")  # fmt: skip
+@click.option(
+    "--diff",
+    "diff_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also check the model's tensors against this diff's manifest.",
+)
 @reports_errors
 def verify(path, diff_dir):
     """Re-check a recovered model (or a diff) and say what matches; exit status 0 only when all does."""
@@ -247,11 +297,13 @@ def _summary(verb: str, report) -> str:
     )
 
 
-@main.command(epilog="""
+@main.command(
+    epilog="""
 \b
 Example:
   weight-diff generate self-instruct-13b --prompt "Give three tips for staying healthy." --max-new-tokens 200
-""")  # fmt: skip
+"""
+)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="The user's message; formatted with the model's chat template.")
 @click.option(
@@ -262,8 +314,13 @@ Example:
     show_default=True,
     help="Most tokens to generate.",
 )
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Load the weights in this dtype; auto keeps the stored one.")  # fmt: skip
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Load the weights in this dtype; auto keeps the stored one.",
+)
 @reports_errors
 def generate(model, prompt, max_new_tokens, dtype):
     """Answer PROMPT greedily with the model in MODEL and print only the completion.
@@ -275,12 +332,14 @@ def generate(model, prompt, max_new_tokens, dtype):
     click.echo(run_generate(model, prompt, max_new_tokens=max_new_tokens, dtype=dtype))
 
 
-@main.command(epilog="""
+@main.command(
+    epilog="""
 \b
 Examples:
   weight-diff inspect self-instruct-13b-diff
   weight-diff inspect self-instruct-13b --json
-""")  # fmt: skip
+"""
+)
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
 @click.option("--no-hash", is_flag=True, help="Do not hash the files against SHA256SUMS (fast on large models).")
@@ -299,7 +358,8 @@ def inspect(path, as_json, no_hash):
             click.echo(line)
 
 
-@main.command(epilog="""
+@main.command(
+    epilog="""
 \b
 Examples:
   weight-diff compare self-instruct-13b reference/self-instruct-13b
@@ -307,7 +367,8 @@ Examples:
 
 \b
 Exit status: 0 when every tensor agrees within --tol, 1 when they differ, 2 when they could not be compared.
-""")  # fmt: skip
+"""
+)
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
 @click.option(
@@ -324,7 +385,7 @@ Exit status: 0 when every tensor agrees within --tol, 1 when they differ, 2 when
     show_default=True,
     help="How many of the most different tensors to list.",
 )
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")  # fmt: skip
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @reports_errors
 def compare(a, b, tol, worst, quiet):
     """Compare models A and B tensor by tensor: missing tensors, shapes, largest differences, identical values."""
@@ -337,8 +398,15 @@ def compare(a, b, tol, worst, quiet):
         if not quiet:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="compare", file=sys.stderr,
-                       dynamic_ncols=True)  # fmt: skip
+            bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1000,
+                desc="compare",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
     def progress(nbytes: int) -> None:
         if bar is not None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .chat_template import OPEN_INSTRUCT
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, UsageError
-from .inspect_dir import classify
+from .role import classify
 
 if TYPE_CHECKING:
     import torch

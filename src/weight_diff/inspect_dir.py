@@ -21,8 +21,10 @@ from pathlib import Path
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import IntegrityError
 from .files import CONFIG_NAME
-from .manifest import MANIFEST_NAME, SUMS_NAME, Digest, Manifest, dtype_name, file_sha256, read_sums
-from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, role_of
+from .manifest import SUMS_NAME, Digest, Manifest, dtype_name, read_sums
+from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size
+from .role import classify
+from .verify import check_sums
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a template
 
@@ -79,10 +81,12 @@ class Inspection:
             ("parameters", f"{self.parameters:,} in {self.tensors} tensors"),
             ("dtype", ", ".join(self.dtypes)),
             ("vocab size", str(self.vocab_size) if self.vocab_size is not None else "unknown"),
-            ("weights", f"{self.layout}, {self.shards} shard{'s' if self.shards != 1 else ''}, "
-                        f"{_size(self.total_bytes)}"),
+            (
+                "weights",
+                f"{self.layout}, {self.shards} shard{'s' if self.shards != 1 else ''}, {_size(self.total_bytes)}",
+            ),
             ("chat template", "yes" if self.chat_template else "none"),
-        ]  # fmt: skip
+        ]
         if self.kind == "diff":
             rows.append(("expects base", self.base or "not recorded (no manifest)"))
             if self.made_by:
@@ -127,26 +131,6 @@ def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspect
             made_by=manifest.tool if manifest is not None else None,
             sums=_check_sums(directory, checkpoint.files, hash_files=check_sums),
         )
-
-
-def classify(checkpoint: Checkpoint) -> tuple[str, str]:
-    """Return ("model" | "diff" | "unknown", the evidence): a manifest means a diff, else the final norm tells.
-
-    RMSNorm weights of trained models average about 1; a diff holds tuned - raw, so its norms average about 0.
-    """
-    if (checkpoint.directory / MANIFEST_NAME).is_file():
-        return "diff", f"has {MANIFEST_NAME}"
-    from .jobs import _final_norm  # the one place that reads the final norm; recover uses it to refuse swaps
-
-    norm = _final_norm(checkpoint)
-    if norm is None:
-        return "unknown", "no manifest and no final norm tensor to tell by"
-    role = role_of(norm)
-    if role == "diff":
-        return "diff", f"no manifest; final norm weights average {norm:.3f}, as in tuned - raw"
-    if role == "model":
-        return "model", f"final norm weights average {norm:.3f}, as in trained weights"
-    return "unknown", f"no manifest; final norm weights average {norm:.3f}, neither a model's (~1) nor a diff's (~0)"
 
 
 def _embedding(tensors: dict[str, TensorInfo]) -> TensorInfo | None:
@@ -194,21 +178,15 @@ def _read_json(path: Path) -> dict:
 
 
 def _check_sums(directory: Path, weight_files: list[Path], *, hash_files: bool) -> Sums:
-    sums_path = directory / SUMS_NAME
-    if not sums_path.is_file():
+    if not (directory / SUMS_NAME).is_file():
         return Sums("none")
     try:
-        listed = read_sums(sums_path)
+        if not hash_files:
+            return Sums("not checked", files=len(read_sums(directory / SUMS_NAME)))
+        checks, notes = check_sums(directory)
     except IntegrityError as error:
         return Sums("mismatch", problems=[str(error)])
-    if not hash_files:
-        return Sums("not checked", files=len(listed))
-    problems = []
-    for name, digest in sorted(listed.items()):
-        path = directory / name
-        if not path.is_file():
-            problems.append(f"{name} (missing)")
-        elif file_sha256(path) != digest:
-            problems.append(f"{name} (differs)")
+    problems = [f"{check.subject} ({check.detail})" for check in checks if not check.ok]
+    listed = {check.subject for check in checks}
     problems += [f"{path.name} (not listed)" for path in weight_files if path.name not in listed]
-    return Sums("mismatch" if problems else "verified", files=len(listed), problems=problems)
+    return Sums("mismatch" if problems else "verified", files=len(checks), problems=problems)

@@ -21,11 +21,12 @@ import safetensors
 import torch
 
 from . import __version__, files, output
-from .checkpoint import Checkpoint, TensorInfo
+from .checkpoint import Checkpoint
 from .errors import IntegrityError, UsageError
 from .manifest import MANIFEST_NAME, SUMS_NAME, Manifest, TensorRecord, dtype_name, format_sums
 from .pipeline import Hashing, Pipeline, TensorDigests
-from .plan import Plan, TensorJob, plan_pairs, role_of
+from .plan import Plan, TensorJob, plan_pairs
+from .role import classify
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -73,12 +74,23 @@ def recover(
                 check_tensor(manifest.tensors[job.name], job, digests)
 
         return _run(
-            "recover", plan, raw, diff, out,
+            "recover",
+            plan,
+            raw,
+            diff,
+            out,
             hashing=Hashing(raw=manifest is not None, result=manifest is not None),
-            on_tensor=on_tensor, config=config, companions=files.companion_files(diff_dir),
-            extra_files={}, chat_template=chat_template, overwrite=overwrite, resume=resume,
-            progress=progress, on_plan=on_plan, has_manifest=manifest is not None,
-        )  # fmt: skip
+            on_tensor=on_tensor,
+            config=config,
+            companions=files.companion_files(diff_dir),
+            extra_files={},
+            chat_template=chat_template,
+            overwrite=overwrite,
+            resume=resume,
+            progress=progress,
+            on_plan=on_plan,
+            has_manifest=manifest is not None,
+        )
 
 
 def make_diff(
@@ -98,7 +110,7 @@ def make_diff(
     output.check_location(out, [raw_dir, tuned_dir], overwrite=overwrite, resume=resume)
     with Checkpoint.open(raw_dir) as raw, Checkpoint.open(tuned_dir) as tuned:
         for checkpoint, role in ((raw, "raw model"), (tuned, "tuned model")):
-            if (checkpoint.directory / MANIFEST_NAME).is_file() or role_of(_final_norm(checkpoint)) == "diff":
+            if classify(checkpoint)[0] == "diff":
                 raise UsageError(f"{checkpoint.directory}: looks like a weight diff, not a {role}")
         plan = plan_pairs(
             raw.tensors, tuned.tensors, other_role="tuned model", out_dtype="float32", max_shard_size=max_shard_size
@@ -116,12 +128,24 @@ def make_diff(
 
         config = files.config_with_dtype(files.read_config(tuned_dir), torch.float32)
         return _run(
-            "make-diff", plan, raw, tuned, out,
-            hashing=Hashing(raw=True, diff=True, result=True), on_tensor=on_tensor, config=config,
-            companions=files.companion_files(tuned_dir), extra_files={MANIFEST_NAME: manifest_bytes},
-            chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress,
-            on_plan=on_plan, has_manifest=True, records=records,
-        )  # fmt: skip
+            "make-diff",
+            plan,
+            raw,
+            tuned,
+            out,
+            hashing=Hashing(raw=True, diff=True, result=True),
+            on_tensor=on_tensor,
+            config=config,
+            companions=files.companion_files(tuned_dir),
+            extra_files={MANIFEST_NAME: manifest_bytes},
+            chat_template=chat_template,
+            overwrite=overwrite,
+            resume=resume,
+            progress=progress,
+            on_plan=on_plan,
+            has_manifest=True,
+            records=records,
+        )
 
 
 def _run(
@@ -169,9 +193,16 @@ def _run(
     if on_plan is not None:
         on_plan(plan)
     pipeline = Pipeline(
-        plan, raw, other, out, mode=mode, hashing=hashing, on_tensor=on_tensor, on_shard=on_shard,
+        plan,
+        raw,
+        other,
+        out,
+        mode=mode,
+        hashing=hashing,
+        on_tensor=on_tensor,
+        on_shard=on_shard,
         progress=progress or (lambda nbytes: None),
-    )  # fmt: skip
+    )
     pipeline.run(skip=done)
 
     small: dict[str, bytes] = {}
@@ -213,29 +244,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _final_norm(checkpoint: Checkpoint) -> float | None:
-    """Return the mean |value| of the final norm's weights: about 1 in a model, about 0 in a diff."""
-    info = _find_norm(checkpoint.tensors)
-    if info is None:
-        return None
-    return checkpoint.read_rows(info, 0, info.rows).float().abs().mean().item()
-
-
-def _find_norm(tensors: dict[str, TensorInfo]) -> TensorInfo | None:
-    for name in ("model.norm.weight", "norm.weight", "transformer.ln_f.weight"):
-        if name in tensors:
-            return tensors[name]
-    return None
-
-
 def _check_roles(raw: Checkpoint, diff: Checkpoint, manifest: Manifest | None) -> None:
     """Refuse a diff given as the raw model, or a model given as the diff, where the weights tell."""
-    if (raw.directory / MANIFEST_NAME).is_file() or role_of(_final_norm(raw)) == "diff":
+    if classify(raw)[0] == "diff":
         raise UsageError(
             f"{raw.directory}: looks like a weight diff, not a raw model (its norm weights are near 0); "
             "--path_raw takes the base LLaMA model. Were --path_raw and --path_diff swapped?"
         )
-    if manifest is None and role_of(_final_norm(diff)) == "model":
+    if manifest is None and classify(diff)[0] == "model":
         raise UsageError(
             f"{diff.directory}: looks like a model, not a weight diff (its norm weights are near 1); "
             "--path_diff takes the published diff. Is it already recovered?"

@@ -211,17 +211,3 @@ def parse_size(size: str | int) -> int:
     if not match or float(match.group(1)) <= 0:
         raise UsageError(f"--max-shard-size {size}: expected a size such as 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
-
-
-def role_of(final_norm_mean_abs: float | None) -> str | None:
-    """Return "model" or "diff" from the final norm's mean |weight|, None when it does not tell.
-
-    RMSNorm weights of a trained model sit near 1; in a diff they are tuned - raw, near 0.
-    """
-    if final_norm_mean_abs is None:
-        return None
-    if final_norm_mean_abs < 0.05:
-        return "diff"
-    if final_norm_mean_abs > 0.2:
-        return "model"
-    return None

@@ -56,23 +56,32 @@ def verify(path: str | Path, *, diff: str | Path | None = None) -> VerifyReport:
     if (directory / MANIFEST_NAME).is_file() and diff is None:
         return _verify_diff(directory)
     report = VerifyReport(directory, "model")
-    sums_path = directory / SUMS_NAME
-    if not sums_path.is_file():
+    if not (directory / SUMS_NAME).is_file():
         raise UsageError(f"{directory}: no {SUMS_NAME} to check against; it was not written by weight-diff recover")
-    for name, expected in read_sums(sums_path).items():
-        path = directory / name
-        if not path.is_file():
-            report.checks.append(Check(name, False, "missing"))
-        else:
-            actual = file_sha256(path)
-            report.checks.append(Check(name, actual == expected, "" if actual == expected else "content changed"))
-    listed = set(read_sums(sums_path))
-    for path in sorted(directory.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.name not in listed | {SUMS_NAME}:
-            report.notes.append(f"{path.name}: not listed in {SUMS_NAME} (added after the recovery)")
+    report.checks, report.notes = check_sums(directory)
     if diff is not None:
         _check_against_manifest(directory, Path(diff), report)
     return report
+
+
+def check_sums(directory: Path) -> tuple[list[Check], list[str]]:
+    """Return a check per file listed in ``SHA256SUMS``, and notes on files present but not listed."""
+    sums_path = directory / SUMS_NAME
+    listed = read_sums(sums_path)
+    checks = []
+    for name, expected in listed.items():
+        path = directory / name
+        if not path.is_file():
+            checks.append(Check(name, False, "missing"))
+        else:
+            same = file_sha256(path) == expected
+            checks.append(Check(name, same, "" if same else "content changed"))
+    notes = [
+        f"{path.name}: not listed in {SUMS_NAME} (added after the recovery)"
+        for path in sorted(directory.iterdir())
+        if path.is_file() and not path.name.startswith(".") and path.name not in listed.keys() | {SUMS_NAME}
+    ]
+    return checks, notes
 
 
 def _verify_diff(directory: Path) -> VerifyReport:
