@@ -5,6 +5,7 @@ They are small, so they are read whole, adjusted (the config's dtype, a chat tem
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, WEIGHT_SUFFIXES
-from .errors import CheckpointError
+from .errors import CheckpointError, DiskFullError
 from .manifest import MANIFEST_NAME, SUMS_NAME, dtype_name
 from .writer import FILE_MODE, PARTIAL_SUFFIX
 
@@ -65,9 +66,11 @@ def write_atomic(path: Path, data: bytes) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fdatasync(fd)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
         partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise DiskFullError(f"{path.parent}: disk full while writing {path.name}; free space, run again") from None
         raise
     os.close(fd)
     os.replace(partial, path)

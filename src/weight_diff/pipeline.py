@@ -1,8 +1,15 @@
 """Execute a plan block by block: read rows, do the float32 math, hash, write. Memory stays flat.
 
-Each block of rows passes through a ring of reused buffers. The main thread reads (``pread``) and computes; one
-thread per ordered stream hashes raw bytes, hashes results, and writes the shard, so on two cores hashing and
-writeback overlap reading and arithmetic. A buffer set is reused only after every stream is done with it.
+Each block of rows passes through a ring of reused buffer sets. Work is split into ordered lanes, one thread each,
+so that on two cores the disk never waits for Python:
+
+- ``read``: ``pread`` of the next block's raw and diff rows, one block ahead of the arithmetic;
+- main thread: the float32 arithmetic (and the mean of raw rows for added vocabulary rows);
+- ``raw`` / ``result``: SHA-256 of raw bytes and of float32 results, for the manifest;
+- ``write`` and ``file``: the shard's bytes to disk, and their SHA-256 for ``SHA256SUMS``;
+- ``sync``: a finished shard's fdatasync and rename, while the next shard is already being written.
+
+A buffer set is reused only after every lane is done with it; any lane's failure stops the run.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +31,8 @@ from .plan import Plan, ShardPlan, TensorJob
 from .writer import ShardWriter
 
 BLOCK_ELEMENTS = 8 * 2**20  # 32 MiB of float32 per block: large enough for fast I/O, small enough to stay flat
-RING_DEPTH = 3
+RING_DEPTH = 4
+LANES = ("read", "raw", "result", "write", "file", "sync")
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,36 @@ class TensorDigests:
     raw: Digest | None
     diff: Digest | None
     result: Digest | None
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Rows ``start:stop`` of one job; ``added`` blocks lie past raw's rows (new vocabulary)."""
+
+    job: TensorJob
+    start: int
+    stop: int
+    added: bool
+    last: bool  # the tensor's final block
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.stop - self.start, *self.job.other.shape[1:]) if self.job.other.shape else ()
+
+    @property
+    def numel(self) -> int:
+        return (self.stop - self.start) * self.job.other.row_numel
+
+
+def _blocks(shard: ShardPlan, budget: int) -> Iterator[_Block]:
+    """Yield each job's blocks in order: raw rows first, then added vocabulary rows, never mixed in one block."""
+    for job in shard.jobs:
+        rows_per_block = max(1, budget // job.other.row_numel)
+        spans = []
+        for low, high, added in ((0, job.raw.rows, False), (job.raw.rows, job.other.rows, True)):
+            spans += [(start, min(start + rows_per_block, high), added) for start in range(low, high, rows_per_block)]
+        for index, (start, stop, added) in enumerate(spans):
+            yield _Block(job, start, stop, added, last=index == len(spans) - 1)
 
 
 @dataclass
@@ -66,34 +104,26 @@ class _BufferSet:
         )
 
     def wait(self) -> None:
-        """Block until every stream is done with these buffers, re-raising the first failure."""
+        """Block until every lane is done with these buffers, re-raising the first failure."""
         pending, self.pending = self.pending, []
         for future in pending:
             future.result()
 
 
-class _Lane:
-    """One ordered stream of work on its own thread (a hash or a file must see its blocks in order)."""
-
-    def __init__(self, name: str) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"weight-diff-{name}")
-
-    def submit(self, fn: Callable, *args) -> Future:
-        return self._pool.submit(fn, *args)
-
-    def close(self, cancel: bool = False) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=cancel)
-
-
 @dataclass
 class _TensorHashes:
-    """Incremental SHA-256 of one tensor's raw, diff and result bytes, each fed on its own lane."""
+    """Incremental SHA-256 of one tensor's raw, diff and result bytes, each fed on its own lane, and the running
+    mean of its raw rows when the tensor adds vocabulary rows."""
 
     job: TensorJob
     raw: hashlib._Hash | None
     diff: hashlib._Hash | None
     result: hashlib._Hash | None
+    mean: arithmetic.RowMean | None
     futures: dict[str, Future] = field(default_factory=dict)
+
+    def ready(self) -> bool:
+        return all(future.done() for future in self.futures.values())
 
     def digests(self) -> TensorDigests:
         def digest(part: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Digest | None:
@@ -105,6 +135,16 @@ class _TensorHashes:
             diff=digest("diff", torch.float32, self.job.out_shape),
             result=digest("result", torch.float32, self.job.out_shape),
         )
+
+
+@dataclass
+class _Finishing:
+    """A shard whose bytes are all queued: its fdatasync/rename and its file hash are still in flight."""
+
+    name: str
+    writer: ShardWriter
+    done: Future
+    digest: Future
 
 
 class Pipeline:
@@ -129,122 +169,157 @@ class Pipeline:
         self.mode, self.hashing = mode, hashing
         self.on_tensor, self.on_shard, self.progress = on_tensor, on_shard, progress
         largest_row = max((job.other.row_numel for job in plan.jobs), default=1)
-        elements = max(BLOCK_ELEMENTS, largest_row)
-        self._rows_budget = elements
-        self._ring = [_BufferSet.allocate(elements) for _ in range(RING_DEPTH)]
-        self._turn = 0
-        self._lanes = {name: _Lane(name) for name in ("raw", "result", "write")}
+        self._budget = max(BLOCK_ELEMENTS, largest_row)
+        self._ring = [_BufferSet.allocate(self._budget) for _ in range(RING_DEPTH)]
+        self._lanes = {name: ThreadPoolExecutor(1, thread_name_prefix=f"weight-diff-{name}") for name in LANES}
+        self._finishing: _Finishing | None = None
+        self._writer: ShardWriter | None = None
 
     def run(self, skip: frozenset[str] = frozenset()) -> None:
-        """Write every shard not in ``skip``; on any failure the unfinished shard is removed."""
+        """Write every shard not in ``skip``; on any failure unfinished shards are removed."""
         try:
             for shard in self.plan.shards:
                 if shard.file_name in skip:
                     self.progress(shard.nbytes)
                     continue
                 self._run_shard(shard)
+            self._settle_finishing()
         except BaseException:
-            for buffers in self._ring:
-                buffers.pending.clear()
-            for lane in self._lanes.values():
-                lane.close(cancel=True)
+            self._abandon()
             raise
-        for lane in self._lanes.values():
-            lane.close()
+        finally:
+            for lane in self._lanes.values():
+                lane.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, lane: str, fn: Callable, *args) -> Future:
+        return self._lanes[lane].submit(fn, *args)
 
     def _run_shard(self, shard: ShardPlan) -> None:
         writer = ShardWriter(self.out_dir, shard)
-        try:
-            unchecked: deque[_TensorHashes] = deque()
-            for job in shard.jobs:
-                unchecked.append(self._run_tensor(job, writer))
-                # Check earlier tensors whose hashes are ready, without stalling on the one just queued.
-                while unchecked and all(f.done() for f in unchecked[0].futures.values()):
-                    hashes = unchecked.popleft()
-                    self.on_tensor(hashes.job, hashes.digests())
-            for buffers in self._ring:
+        self._writer = writer
+        file_hash = hashlib.sha256()
+        self._submit("file", file_hash.update, writer.header)
+        unchecked: deque[_TensorHashes] = deque()
+        blocks = list(_blocks(shard, self._budget))
+        reads: deque[Future] = deque()
+        hashes: _TensorHashes | None = None
+        for index, block in enumerate(blocks):
+            # Keep one block's reads in flight ahead of the arithmetic.
+            while len(reads) < 2 and index + len(reads) < len(blocks):
+                ahead = index + len(reads)
+                reads.append(self._queue_read(blocks[ahead], self._ring[ahead % RING_DEPTH]))
+            raw, other = reads.popleft().result()
+            if hashes is None:
+                hashes = self._new_hashes(block.job)
+            self._compute(block, self._ring[index % RING_DEPTH], raw, other, writer, file_hash, hashes)
+            if block.last:
+                self._close_hashes(hashes)
+                unchecked.append(hashes)
+                hashes = None
+                while unchecked and unchecked[0].ready():  # check finished tensors without stalling
+                    done = unchecked.popleft()
+                    self.on_tensor(done.job, done.digests())
+        for buffers in self._ring:
+            buffers.wait()
+        while unchecked:
+            done = unchecked.popleft()
+            self.on_tensor(done.job, done.digests())
+        # Every tensor of this shard checked: flush and rename it while the next shard is being written.
+        self._settle_finishing()
+        self._finishing = _Finishing(
+            shard.file_name,
+            writer,
+            done=self._submit("sync", writer.finish),
+            digest=self._submit("file", file_hash.hexdigest),
+        )
+
+    def _settle_finishing(self) -> None:
+        """Wait for the previous shard to be on disk under its name, then report it to ``on_shard``."""
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:
+            finishing.done.result()
+            self.on_shard(finishing.name, finishing.digest.result())
+
+    def _abandon(self) -> None:
+        """After a failure: let lanes drain, keep a shard that did finish, remove anything unfinished."""
+        for buffers in self._ring:
+            with contextlib.suppress(BaseException):  # the first failure is already on its way up
                 buffers.wait()
-            while unchecked:
-                hashes = unchecked.popleft()
-                self.on_tensor(hashes.job, hashes.digests())
-            digest = self._lanes["write"].submit(writer.finish).result()
-        except BaseException:
-            for buffers in self._ring:
-                with contextlib.suppress(BaseException):  # the first failure is already on its way up
-                    buffers.wait()
-            writer.abort()
-            raise
-        self.on_shard(shard.file_name, digest)
+        finishing = self._finishing
+        if finishing is not None:
+            try:
+                self._settle_finishing()
+            except BaseException:
+                finishing.writer.abort()
+        if self._writer is not None and not self._writer.path.exists():
+            self._writer.abort()
 
-    def _next_buffers(self) -> _BufferSet:
-        buffers = self._ring[self._turn % RING_DEPTH]
-        self._turn += 1
-        buffers.wait()
-        return buffers
+    def _queue_read(self, block: _Block, buffers: _BufferSet) -> Future:
+        buffers.wait()  # its previous block is hashed and written
+        future = self._submit("read", self._read, block, buffers)
+        buffers.pending.append(future)
+        return future
 
-    def _run_tensor(self, job: TensorJob, writer: ShardWriter) -> _TensorHashes:
+    def _read(self, block: _Block, buffers: _BufferSet) -> tuple[torch.Tensor | None, torch.Tensor]:
+        other = self.other.read_rows(block.job.other, block.start, block.stop, out=buffers.other)
+        if block.added:
+            return None, other
+        return self.raw.read_rows(block.job.raw, block.start, block.stop, out=buffers.raw), other
+
+    def _new_hashes(self, job: TensorJob) -> _TensorHashes:
         hashes = _TensorHashes(
             job,
             raw=hashlib.sha256() if self.hashing.raw else None,
             diff=hashlib.sha256() if self.hashing.diff else None,
             result=hashlib.sha256() if self.hashing.result else None,
+            mean=arithmetic.RowMean(job.raw.shape[1:]) if job.added_rows else None,
         )
-        mean = arithmetic.RowMean(job.raw.shape[1:]) if job.added_rows else None
-        rows_per_block = max(1, self._rows_budget // job.other.row_numel)
-        # Raw rows first, then the added vocabulary rows, so that no block mixes the two.
-        for low, high in ((0, job.raw.rows), (job.raw.rows, job.other.rows)):
-            for start in range(low, high, rows_per_block):
-                stop = min(start + rows_per_block, high)
-                self._run_block(job, start, stop, writer, hashes, mean)
-        for part in ("raw", "diff", "result"):
-            hasher = getattr(hashes, part)
-            if hasher is not None:
-                lane = "result" if part == "diff" else part
-                hashes.futures[part] = self._lanes[lane].submit(hasher.hexdigest)
         return hashes
 
-    def _run_block(
+    def _close_hashes(self, hashes: _TensorHashes) -> None:
+        for part, lane in (("raw", "raw"), ("diff", "result"), ("result", "result")):
+            hasher = getattr(hashes, part)
+            if hasher is not None:
+                hashes.futures[part] = self._submit(lane, hasher.hexdigest)
+
+    def _compute(
         self,
-        job: TensorJob,
-        start: int,
-        stop: int,
+        block: _Block,
+        buffers: _BufferSet,
+        raw: torch.Tensor | None,
+        other: torch.Tensor,
         writer: ShardWriter,
+        file_hash: hashlib._Hash,
         hashes: _TensorHashes,
-        mean: arithmetic.RowMean | None,
     ) -> None:
-        buffers = self._next_buffers()
-        count = (stop - start) * job.other.row_numel
-        shape = (stop - start, *job.other.shape[1:]) if job.other.shape else ()
+        shape, count, job = block.shape, block.numel, block.job
         work = buffers.work[:count].view(shape)
         result = buffers.result[:count].view(shape)
-        other = self.other.read_rows(job.other, start, stop, out=buffers.other)
-        raw_rows = job.raw.rows
-        if stop <= raw_rows:
-            raw = self.raw.read_rows(job.raw, start, stop, out=buffers.raw)
+        if raw is not None:
             if hashes.raw is not None:
-                buffers.pending.append(self._lanes["raw"].submit(hashes.raw.update, tensor_bytes(raw)))
-            if mean is not None:
-                mean.add(raw)
+                buffers.pending.append(self._submit("raw", hashes.raw.update, tensor_bytes(raw)))
+            if hashes.mean is not None:
+                hashes.mean.add(raw)
             base = raw
-        elif start >= raw_rows:
-            base = mean.value().view((1, *shape[1:])).expand(shape)
         else:
-            raise AssertionError("a block mixes raw and added rows")
+            base = hashes.mean.value().view((1, *shape[1:])).expand(shape)
         if self.mode == "recover":
             written = arithmetic.recover_rows(base, other, result)
             if hashes.result is not None:
-                buffers.pending.append(self._lanes["result"].submit(hashes.result.update, tensor_bytes(result)))
+                buffers.pending.append(self._submit("result", hashes.result.update, tensor_bytes(result)))
         else:
             arithmetic.diff_rows(base, other, work, result)
             written = work
             if hashes.diff is not None or hashes.result is not None:
-                buffers.pending.append(self._lanes["result"].submit(_update_both, hashes, work, result))
+                buffers.pending.append(self._submit("result", _update_both, hashes, work, result))
         if job.out_dtype != torch.float32:
             cast = buffers.cast[: count * job.out_dtype.itemsize].view(job.out_dtype).view(shape)
             cast.copy_(written)
             written = cast
-        buffers.pending.append(self._lanes["write"].submit(writer.write, tensor_bytes(written)))
-        buffers.pending.append(self._lanes["write"].submit(self.progress, written.numel() * written.element_size()))
+        data = tensor_bytes(written)
+        buffers.pending.append(self._submit("file", file_hash.update, data))
+        buffers.pending.append(self._submit("write", writer.write, data))
+        buffers.pending.append(self._submit("write", self.progress, len(data)))
 
 
 def _update_both(hashes: _TensorHashes, diff: torch.Tensor, result: torch.Tensor) -> None:

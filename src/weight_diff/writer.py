@@ -4,14 +4,13 @@ The safetensors library has no incremental writer, so this one writes the header
 is known from the plan), then the tensor bytes in plan order. The shard lives under a ``.partial`` name until it
 is complete and on disk (fdatasync), then is renamed into place: a shard with its final name is always whole.
 
->>> writer = ShardWriter(out_dir, shard)
->>> writer.write(block_bytes)   # ... every block of every tensor, in plan order
->>> sha256_hex = writer.finish()
+>>> writer = ShardWriter(out_dir, shard)      # writes writer.header
+>>> writer.write(block_bytes)                # ... every block of every tensor, in plan order
+>>> writer.finish()                          # on disk, under its final name
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from .plan import ShardPlan
 
 PARTIAL_SUFFIX = ".partial"
 FILE_MODE = 0o644
-SYNC_EVERY = 256 * 2**20  # bound dirty pages so the final fdatasync is short and writeback overlaps compute
+SYNC_EVERY = 1 * 2**30  # bound dirty pages so the final fdatasync is short and writeback overlaps compute
 
 
 def safetensors_header(shard: ShardPlan) -> bytes:
@@ -42,20 +41,19 @@ def safetensors_header(shard: ShardPlan) -> bytes:
 
 
 class ShardWriter:
-    """Writes one shard under a temporary name, hashing the bytes as they go, and renames it when complete."""
+    """Writes one shard under a temporary name and renames it when complete (the caller hashes the bytes)."""
 
     def __init__(self, directory: Path, shard: ShardPlan) -> None:
         self.path = directory / shard.file_name
         self.partial = directory / (shard.file_name + PARTIAL_SUFFIX)
-        header = safetensors_header(shard)
-        self.expected = len(header) + shard.nbytes
+        self.header = safetensors_header(shard)
+        self.expected = len(self.header) + shard.nbytes
         self.written = 0
         self._unsynced = 0
-        self._hasher = hashlib.sha256()
         self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             os.fchmod(self._fd, FILE_MODE)
-            self.write(header)
+            self.write(self.header)
         except BaseException:
             self.abort()
             raise
@@ -63,7 +61,6 @@ class ShardWriter:
     def write(self, data: bytes | memoryview) -> None:
         """Append bytes to the shard; ENOSPC becomes a DiskFullError after the partial file is removed."""
         view = memoryview(data).cast("B")
-        self._hasher.update(view)
         try:
             while view:
                 done = os.write(self._fd, view)
@@ -82,8 +79,8 @@ class ShardWriter:
                 ) from None
             raise
 
-    def finish(self) -> str:
-        """Return the shard file's SHA-256 once it is complete, on disk and under its final name."""
+    def finish(self) -> None:
+        """Flush the complete shard to disk and give it its final name."""
         if self.written != self.expected:
             self.abort()
             raise RuntimeError(f"{self.path.name}: wrote {self.written} bytes, planned {self.expected}")
@@ -97,7 +94,6 @@ class ShardWriter:
         os.close(self._fd)
         self._fd = -1
         os.replace(self.partial, self.path)
-        return self._hasher.hexdigest()
 
     def abort(self) -> None:
         """Close and remove the unfinished file; safe to call twice."""
