@@ -1,0 +1,874 @@
+#!/usr/bin/env python
+"""Benchmark `weight-diff recover` against the 2023 algorithm and this machine's I/O floor.
+
+It builds synthetic LLaMA checkpoints laid out like the real ones (fp16 `.bin` shards with `inv_freq` buffers for
+the raw model, fp32 `.bin` shards with one extra vocab row for a 2023-style diff), then times, each in its own
+subprocess so that peak RSS is per run, with the page cache of the inputs dropped before each:
+
+- ours:     `weight-diff recover --path_raw RAW --path_diff DIFF --path_tuned OUT --quiet`
+- original: `scripts/original_weight_diff.py`'s `recover` (both models whole in fp32, add, `save_pretrained`)
+- floor:    read every input file once, write as many bytes as the recovered model has, fdatasync
+
+It checks that ours and the original give the same tensors, and prints a Markdown table plus an extrapolation
+to the full 40-layer depth.
+
+Usage:
+    python scripts/bench.py --quick                 # small widths, seconds
+    python scripts/bench.py --layers 2              # LLaMA-13B widths, 2 layers: minutes, ~8 GB for the original
+    python scripts/bench.py --layers 4 --original-layers 2 --out bench.md
+    python scripts/bench.py --layers 8 --skip-original --repeat 3
+
+Shards are 1 GB (real ones are ~10 GB) so that building needs little memory; built checkpoints are cached in
+--cache-dir (default bench-cache/) by widths and depth. Every run starts with the page cache dropped.
+
+The benchmark process itself imports no torch: building, the floor and the comparison run as subprocesses of
+this same file (`bench.py _build|_floor|_compare ...`), so its own memory stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ORIGINAL_SCRIPT = REPO / "scripts" / "original_weight_diff.py"
+FULL_LAYERS = 40
+BUILD_FORMAT = 2  # bump when the synthetic layout changes, so cached checkpoints are rebuilt
+MARKER = "BENCH_COMPLETE.json"
+GB = 10**9
+GIB = 2**30
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the synthetic checkpoints hold (pure: no torch, no files)
+
+
+@dataclasses.dataclass(frozen=True)
+class Widths:
+    """The model widths, and how big a shard file may grow."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+    shard_bytes: int
+
+
+# Real shards are ~10 GB; 1 GB keeps the memory needed to build them modest (~1.5 GB peak) and gives even
+# the 2-layer raw model several shards, as the real one has.
+WIDTHS = {
+    "13b": Widths("13b", hidden=5120, intermediate=13824, heads=40, vocab=32000, shard_bytes=GB),
+    "quick": Widths("quick", hidden=512, intermediate=1376, heads=8, vocab=32000, shard_bytes=32 * 10**6),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a checkpoint: `kind` picks its values ("weight", "norm" or "inv_freq")."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+
+    def nbytes(self, itemsize: int) -> int:
+        """Bytes on disk; `inv_freq` is a float32 buffer whatever the weights' dtype."""
+        return math.prod(self.shape) * (4 if self.kind == "inv_freq" else itemsize)
+
+
+def tensor_specs(widths: Widths, layers: int, *, role: str) -> list[TensorSpec]:
+    """The tensors of a raw (vocab V, with inv_freq buffers) or diff (vocab V+1, no buffers) checkpoint.
+
+    The order is that of a 2023 `save_pretrained` of a converted LLaMA.
+    """
+    h, i = widths.hidden, widths.intermediate
+    vocab = widths.vocab if role == "raw" else widths.vocab + 1
+    specs = [TensorSpec("model.embed_tokens.weight", (vocab, h), "weight")]
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        specs += [TensorSpec(p + f"self_attn.{x}_proj.weight", (h, h), "weight") for x in "qkvo"]
+        if role == "raw":
+            specs.append(TensorSpec(p + "self_attn.rotary_emb.inv_freq", (h // widths.heads // 2,), "inv_freq"))
+        specs += [
+            TensorSpec(p + "mlp.gate_proj.weight", (i, h), "weight"),
+            TensorSpec(p + "mlp.down_proj.weight", (h, i), "weight"),
+            TensorSpec(p + "mlp.up_proj.weight", (i, h), "weight"),
+            TensorSpec(p + "input_layernorm.weight", (h,), "norm"),
+            TensorSpec(p + "post_attention_layernorm.weight", (h,), "norm"),
+        ]
+    specs += [
+        TensorSpec("model.norm.weight", (h,), "norm"),
+        TensorSpec("lm_head.weight", (vocab, h), "weight"),
+    ]
+    return specs
+
+
+def itemsize_of(role: str) -> int:
+    """Raw LLaMA is fp16; the 2023 diffs, and so the recovered model, are fp32."""
+    return 2 if role == "raw" else 4
+
+
+def plan_shards(specs: list[TensorSpec], itemsize: int, cap: int) -> list[list[TensorSpec]]:
+    """Greedy shards of at most `cap` bytes (a bigger tensor gets a shard of its own), as save_pretrained does."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = spec.nbytes(itemsize)
+        if shards[-1] and size + nbytes > cap:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def checkpoint_bytes(widths: Widths, layers: int) -> dict[str, int]:
+    """Weight bytes of raw, diff and the recovered fp32 model (the diff's tensors: no buffers)."""
+    raw = sum(s.nbytes(itemsize_of("raw")) for s in tensor_specs(widths, layers, role="raw"))
+    diff = sum(s.nbytes(itemsize_of("diff")) for s in tensor_specs(widths, layers, role="diff"))
+    return {"raw": raw, "diff": diff, "tuned": diff}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building them (runs in a subprocess: `bench.py _build`)
+
+
+def _make_tensor(spec: TensorSpec, role: str, widths: Widths):
+    """Seeded values: raw weights ~N(0, 0.02), norms 1 + N(0, 0.02), diff ~N(0, 1e-3); inv_freq as LLaMA has it."""
+    import torch
+
+    if spec.kind == "inv_freq":
+        head_dim = widths.hidden // widths.heads
+        return 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{role}:{spec.name}".encode()))
+    tensor = torch.randn(spec.shape, generator=generator).mul_(0.02 if role == "raw" else 1e-3)
+    if role == "raw" and spec.kind == "norm":
+        tensor.add_(1.0)
+    return tensor.to(torch.float16 if role == "raw" else torch.float32)
+
+
+def _write_bin_shards(directory: Path, role: str, widths: Widths, layers: int) -> None:
+    """Write `pytorch_model-0000i-of-0000n.bin` shards and their index, holding one shard in RAM at a time.
+
+    Not `weight_diff.tiny_llama.save_checkpoint`: it takes a whole state dict, which at 13B width is the very
+    memory this benchmark is about.
+    """
+    import torch
+
+    itemsize = itemsize_of(role)
+    shards = plan_shards(tensor_specs(widths, layers, role=role), itemsize, widths.shard_bytes)
+    weight_map, total = {}, 0
+    for number, shard in enumerate(shards, start=1):
+        filename = f"pytorch_model-{number:05d}-of-{len(shards):05d}.bin"
+        state = {spec.name: _make_tensor(spec, role, widths) for spec in shard}
+        torch.save(state, directory / filename)
+        del state
+        for spec in shard:
+            weight_map[spec.name] = filename
+            total += spec.nbytes(itemsize)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_configs_and_tokenizer(directory: Path, role: str, widths: Widths, layers: int) -> None:
+    """config.json, generation_config.json and tokenizer files as a 2023 raw LLaMA or diff has them.
+
+    The tokenizer is `tiny_llama`'s LLaMA-style one (no LLaMA tokenizer ships in any pip package); the diff's
+    adds `<pad>` = vocab, like the published diffs. Tools may load either, as the 2023 recover did.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    from weight_diff.tiny_llama import build_tokenizer, tiny_config
+
+    config = tiny_config(
+        vocab_size=widths.vocab if role == "raw" else widths.vocab + 1,
+        hidden_size=widths.hidden,
+        intermediate_size=widths.intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=widths.heads,
+        num_key_value_heads=widths.heads,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        architectures=["LlamaForCausalLM"],
+    )
+    config.dtype = torch.float16 if role == "raw" else torch.float32
+    config.save_pretrained(directory)
+    GenerationConfig.from_model_config(config).save_pretrained(directory)
+    tokenizer = build_tokenizer(widths.vocab)
+    if role == "diff":
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        (directory / "added_tokens.json").write_text(json.dumps({"<pad>": widths.vocab}) + "\n")
+    tokenizer.save_pretrained(directory)
+
+
+def _build(widths: Widths, layers: int, root: Path) -> None:
+    """Build `root/raw` and `root/diff`; the marker, written last, says the build is complete."""
+    for role in ("raw", "diff"):
+        directory = root / role
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_bin_shards(directory, role, widths, layers)
+        _write_configs_and_tokenizer(directory, role, widths, layers)
+    for name in ("LICENSE.txt", "llama_license.txt"):
+        (root / "diff" / name).write_text("Synthetic benchmark checkpoint: no licence terms.\n")
+    os.sync()
+    (root / MARKER).write_text(json.dumps(_marker(widths, layers)) + "\n")
+
+
+def _marker(widths: Widths, layers: int) -> dict:
+    """What a complete build records last, and what a cached one must match to be reused."""
+    return {"format": BUILD_FORMAT, "widths": widths.name, "layers": layers}
+
+
+def ensure_checkpoint(cache: Path, widths: Widths, layers: int) -> tuple[Path, str]:
+    """The cached checkpoint for this depth, built (in a subprocess) unless complete already; and what was done."""
+    root = cache / f"{widths.name}-{layers}L"
+    marker = root / MARKER
+    if marker.exists() and json.loads(marker.read_text()) == _marker(widths, layers):
+        return root, "cached"
+    shutil.rmtree(root, ignore_errors=True)
+    log(f"building {root.name} (raw fp16 + diff fp32, {widths.name} widths, {layers} layers) ...")
+    start = time.perf_counter()
+    cmd = [sys.executable, __file__, "_build", "--widths", widths.name, "--layers", str(layers), str(root)]
+    if subprocess.run(cmd, check=False, env=_child_env()).returncode != 0:
+        raise SystemExit(f"bench: building {root} failed (see above)")
+    return root, f"built in {time.perf_counter() - start:.0f} s"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The I/O floor (runs in a subprocess: `bench.py _floor`)
+
+
+def _floor(inputs: list[Path], out_file: Path, write_bytes: int) -> dict[str, float]:
+    """Read every input file once with large reads, then write `write_bytes` and fdatasync (per GB and at the end).
+
+    Gives the seconds of each phase. The bytes written are random, not zeros, so no layer below can take a shortcut.
+    """
+    start = time.perf_counter()
+    buffer = bytearray(16 * 2**20)
+    for directory in inputs:
+        for path in sorted(p for p in directory.iterdir() if p.is_file()):
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+    read_s = time.perf_counter() - start
+    block = os.urandom(64 * 2**20)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        written = since_sync = 0
+        while written < write_bytes:
+            n = os.write(fd, memoryview(block)[: min(len(block), write_bytes - written)])
+            written += n
+            since_sync += n
+            if since_sync >= GB:
+                os.fdatasync(fd)
+                since_sync = 0
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return {"read_s": read_s, "write_s": time.perf_counter() - start - read_s}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Comparing ours with the original (runs in a subprocess: `bench.py _compare`)
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index or the single `model.safetensors`."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    with safe_open(directory / "model.safetensors", framework="pt") as f:
+        return {name: directory / "model.safetensors" for name in f.keys()}  # noqa: SIM118 (not iterable)
+
+
+def _open(path: Path):
+    """A safetensors handle that reads with pread where this safetensors has it, so mapped pages don't pile up."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt", backend="pread")
+    except TypeError:
+        return safe_open(path, framework="pt")
+
+
+def _compare(ours: Path, original: Path, raw_vocab: int) -> dict:
+    """Tensor-by-tensor, in row chunks: bitwise equality and max |ours - original|, the added vocab rows apart."""
+    ours_files, original_files = _weight_files(ours), _weight_files(original)
+    result = {
+        "tensors": 0,
+        "only_in_ours": sorted(set(ours_files) - set(original_files)),
+        "only_in_original": sorted(set(original_files) - set(ours_files)),
+        "mismatched": [],
+        "differing": [],
+        "max_abs_diff": 0.0,
+        "max_abs_diff_added_rows": 0.0,
+        "identical_except_added_rows": True,
+    }
+    with contextlib.ExitStack() as stack:
+        handles = {path: stack.enter_context(_open(path)) for path in {*ours_files.values(), *original_files.values()}}
+        for name in sorted(set(ours_files) & set(original_files)):
+            a, b = handles[ours_files[name]].get_slice(name), handles[original_files[name]].get_slice(name)
+            _compare_tensor(name, a, b, raw_vocab, result)
+    if result["mismatched"] or result["only_in_ours"] or result["only_in_original"]:
+        result["identical_except_added_rows"] = False
+    return result
+
+
+def _compare_tensor(name: str, a, b, raw_vocab: int, result: dict) -> None:
+    """Fold one tensor's comparison (two safetensors slices) into `result`, 64 MiB of rows at a time.
+
+    Rows from `raw_vocab` on of the embeddings are the added `<pad>` rows: their mean is computed in a
+    different order by each tool, so they are held apart and only their max difference is reported.
+    """
+    import torch
+
+    shape = a.get_shape()
+    if shape != b.get_shape() or a.get_dtype() != b.get_dtype():
+        result["mismatched"].append(f"{name}: {a.get_dtype()}{shape} vs {b.get_dtype()}{b.get_shape()}")
+        return
+    result["tensors"] += 1
+    rows = shape[0]
+    added_from = raw_vocab if name.endswith(("embed_tokens.weight", "lm_head.weight")) else rows
+    step = max(1, (64 * 2**20) // (4 * math.prod(shape[1:])))
+    for first, last, added in ((0, min(added_from, rows), False), (added_from, rows, True)):
+        for start in range(first, last, step):
+            x, y = a[start : min(last, start + step)], b[start : min(last, start + step)]
+            key = "max_abs_diff_added_rows" if added else "max_abs_diff"
+            result[key] = max(result[key], (x.float() - y.float()).abs().max().item())
+            if not added and not torch.equal(x, y):
+                result["identical_except_added_rows"] = False
+                if name not in result["differing"]:
+                    result["differing"].append(name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running and measuring (in the benchmark process: stdlib only)
+
+
+@dataclasses.dataclass
+class Run:
+    """One timed subprocess: what it was, how long it took, its peak RSS, and the bytes it moved."""
+
+    name: str
+    layers: int
+    status: str = "ok"
+    wall_s: float | None = None
+    sync_s: float | None = None
+    peak_rss: int | None = None
+    read_bytes: int = 0
+    written_bytes: int = 0
+    log_file: Path | None = None  # of the fastest repetition
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr, so stdout carries only the report."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def drop_page_cache(files: list[Path]) -> str:
+    """Flush dirty pages, then evict cached pages so every run starts cold; gives the method that worked.
+
+    `drop_caches` needs root outside a container; `POSIX_FADV_DONTNEED` works anywhere but only on our inputs.
+    """
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "echo 3 > /proc/sys/vm/drop_caches"
+    except OSError:
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return "posix_fadvise(POSIX_FADV_DONTNEED) on every input file"
+
+
+def timed(cmd: list[str], log_file: Path, timeout: float | None) -> tuple[int, float, int, float]:
+    """Run `cmd`; give its exit status, wall seconds, peak RSS in bytes (from wait4) and the `sync` after it.
+
+    wait4's ru_maxrss is this child's alone (with the children it waited for), unlike RUSAGE_CHILDREN which
+    is the maximum over every child so far. The `sync` after exit times the writes a run left to the kernel,
+    so a run that does not fsync its output does not look faster than it is.
+    """
+    with open(log_file, "wb") as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=_child_env())
+        timer = None
+        if timeout:
+            import threading
+
+            timer = threading.Timer(timeout, lambda: os.kill(proc.pid, signal.SIGKILL))
+            timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if timer:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    start = time.perf_counter()
+    os.sync()
+    return proc.returncode, wall, usage.ru_maxrss * 1024, time.perf_counter() - start
+
+
+def _child_env() -> dict[str, str]:
+    """The environment of the runs: unbuffered, offline, and the repo's `src` importable."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    return env
+
+
+def _status_text(rc: int, log_file: Path, timed_out: bool) -> str:
+    """A one-line reason for a failed run, with the last line of its output."""
+    if timed_out:
+        reason = "killed at --timeout"
+    elif rc < 0:
+        reason = f"killed by {signal.Signals(-rc).name}" + (" (out of memory?)" if rc == -signal.SIGKILL else "")
+    else:
+        reason = f"exit {rc}"
+    lines = log_file.read_text(errors="replace").strip().splitlines()
+    return f"{reason}: {lines[-1][:160]}" if lines else reason
+
+
+def dir_bytes(directory: Path) -> int:
+    """Bytes of all files directly in `directory`."""
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file()) if directory.exists() else 0
+
+
+def input_files(root: Path) -> list[Path]:
+    """Every file of the raw and diff checkpoints."""
+    return [p for role in ("raw", "diff") for p in sorted((root / role).iterdir()) if p.is_file()]
+
+
+def our_cli() -> list[str] | None:
+    """The weight-diff command line, or None while the package does not exist yet."""
+    if not (REPO / "src" / "weight_diff" / "cli.py").exists():
+        return None
+    script = Path(sys.executable).parent / "weight-diff"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "weight_diff.cli"]
+
+
+def ours_command(raw: Path, diff: Path, tuned: Path) -> list[str] | None:
+    """Our CLI with its default settings (integrity step included), or None while it does not exist yet."""
+    base = our_cli()
+    if base is None:
+        return None
+    return [*base, "recover", "--path_raw", str(raw), "--path_diff", str(diff), "--path_tuned", str(tuned), "--quiet"]
+
+
+def original_command(raw: Path, diff: Path, tuned: Path) -> list[str] | None:
+    """The reference 2023 algorithm through its own CLI, as the model card runs it (no test inference)."""
+    if not ORIGINAL_SCRIPT.exists():
+        return None
+    paths = ["--path_raw", str(raw), "--path_diff", str(diff), "--path_tuned", str(tuned)]
+    return [sys.executable, str(ORIGINAL_SCRIPT), "recover", *paths]
+
+
+class Bench:
+    """Runs the three contenders on cached checkpoints, one cold subprocess at a time, and keeps the results."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.widths = WIDTHS["quick" if args.quick else "13b"]
+        self.cache = Path(args.cache_dir).resolve()
+        self.out = self.cache / f"runs-{self.widths.name}"  # outputs (deleted after each run) and logs
+        self.runs: list[Run] = []
+        self.notes: list[str] = []
+        self.comparisons: dict[int, dict] = {}
+        self.drop_method = ""
+        self.load_at_start = os.getloadavg()
+
+    def _timed_run(
+        self, name: str, layers: int, root: Path, cmd: list[str], out_dir: Path, inputs: list[Path] | None = None
+    ) -> Run:
+        """Run `cmd` cold `--repeat` times: the fastest wall (with its sync) and the largest peak RSS count.
+
+        The output folder goes before each repetition (our CLI refuses a non-empty one), then the page cache.
+        `inputs` are the directories it reads (default: the checkpoint's raw and diff).
+        """
+        inputs = inputs or [root / "raw", root / "diff"]
+        run = Run(name, layers, read_bytes=sum(dir_bytes(d) for d in inputs))
+        for repetition in range(1, self.args.repeat + 1):
+            shutil.rmtree(out_dir, ignore_errors=True)
+            self.drop_method = drop_page_cache([p for d in inputs for p in sorted(d.iterdir()) if p.is_file()])
+            log(f"running {name} at {layers} layers ({repetition}/{self.args.repeat}) ...")
+            log_file = self.out / f"{name}-{layers}L-{repetition}.log"
+            rc, wall, peak, sync = timed(cmd, log_file, self.args.timeout)
+            if rc != 0:
+                timed_out = self.args.timeout is not None and wall >= self.args.timeout
+                run.status = _status_text(rc, log_file, timed_out)
+                log(f"{name} failed ({run.status}); log: {log_file}")
+                break
+            run.peak_rss = max(run.peak_rss or 0, peak)
+            if run.wall_s is None or wall < run.wall_s:
+                run.wall_s, run.sync_s, run.log_file = wall, sync, log_file
+            run.written_bytes = dir_bytes(out_dir)
+        self.runs.append(run)
+        return run
+
+    def floor(self, layers: int, root: Path) -> None:
+        """The I/O floor: read the inputs, write as many bytes as the recovered model; note each phase's speed."""
+        out_dir = self.out / f"floor-{layers}L"
+        write_bytes = checkpoint_bytes(self.widths, layers)["tuned"]
+        cmd = [sys.executable, __file__, "_floor", str(root / "raw"), str(root / "diff")]
+        cmd += ["--out-file", str(out_dir / "floor.bin"), "--write-bytes", str(write_bytes)]
+        run = self._timed_run("floor", layers, root, cmd, out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        if run.ok:
+            phases = json.loads(run.log_file.read_text().splitlines()[-1])
+            self.notes.append(
+                f"Floor at {layers} layers: read {run.read_bytes / GB:.2f} GB in {phases['read_s']:.1f} s "
+                f"({run.read_bytes / GB / phases['read_s']:.2f} GB/s), wrote {write_bytes / GB:.2f} GB with fdatasync "
+                f"in {phases['write_s']:.1f} s ({write_bytes / GB / phases['write_s']:.2f} GB/s)."
+            )
+
+    def contender(self, name: str, layers: int, root: Path) -> Path | None:
+        """Run ours or the original into a fresh output folder; give that folder, or None if it did not run."""
+        out_dir = self.out / f"{name}-{layers}L"
+        if name == "ours":
+            cmd = ours_command(root / "raw", root / "diff", out_dir)
+            missing = "not run: weight_diff.cli does not exist yet"
+        else:
+            cmd = original_command(root / "raw", root / "diff", out_dir)
+            missing = f"not run: {ORIGINAL_SCRIPT.relative_to(REPO)} does not exist yet"
+        if cmd is None:
+            self.runs.append(Run(name, layers, status=missing))
+            return None
+        return out_dir if self._timed_run(name, layers, root, cmd, out_dir).ok else None
+
+    def publish_cycle(self, layers: int, root: Path, tuned: Path) -> None:
+        """Time the publisher's side and a checked recovery: make-diff (raw, our recovered model) into a diff with
+        a manifest, then recover from it with every raw tensor and result hashed against that manifest."""
+        base = our_cli()
+        published = self.out / f"published-{layers}L"
+        make = [*base, "make-diff", "--path_raw", str(root / "raw"), "--path_tuned", str(tuned)]
+        make += ["--path_diff", str(published), "--quiet"]
+        if not self._timed_run("make-diff", layers, root, make, published, inputs=[root / "raw", tuned]).ok:
+            return
+        checked = self.out / f"ours-checked-{layers}L"
+        cmd = [*base, "recover", "--path_raw", str(root / "raw"), "--path_diff", str(published)]
+        cmd += ["--path_tuned", str(checked), "--quiet"]
+        run = self._timed_run("ours, manifest-checked", layers, root, cmd, checked, inputs=[root / "raw", published])
+        if run.ok and "verified:" not in run.log_file.read_text():
+            run.status = "ran, but did not report verification"
+        shutil.rmtree(published, ignore_errors=True)
+        shutil.rmtree(checked, ignore_errors=True)
+
+    def compare(self, layers: int, ours: Path, original: Path) -> None:
+        """Compare the two outputs in a subprocess, which maps the files, not this process."""
+        log(f"comparing ours with the original at {layers} layers ...")
+        cmd = [sys.executable, __file__, "_compare", str(ours), str(original)]
+        cmd += ["--raw-vocab", str(self.widths.vocab)]
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO)
+        if done.returncode != 0:
+            self.notes.append(f"Comparison failed at {layers} layers: {done.stderr.strip().splitlines()[-1:]}")
+            return
+        self.comparisons[layers] = json.loads(done.stdout)
+
+    def original_fits(self, layers: int) -> bool:
+        """Whether the original's two fp32 models fit in available memory (it measured ~1.03x that here)."""
+        need = 2 * checkpoint_bytes(self.widths, layers)["diff"] * 1.05
+        available = mem_available()
+        if need <= 0.9 * available:
+            return True
+        self.runs.append(
+            Run(
+                "original",
+                layers,
+                status=f"skipped: needs ~{need / GIB:.1f} GiB, {available / GIB:.1f} available",
+            )
+        )
+        return False
+
+    def run_all(self) -> None:
+        """At each depth: floor, ours, and (at the original's depth) the original plus the comparison."""
+        layers, k = self.args.layers, self.args.original_layers
+        depths = sorted({layers} if self.args.skip_original else {layers, k})
+        self.out.mkdir(parents=True, exist_ok=True)
+        for depth in depths:
+            root, how = ensure_checkpoint(self.cache, self.widths, depth)
+            self.notes.append(f"Checkpoint {root.name}: {how} ({root}).")
+            self.floor(depth, root)
+            ours = self.contender("ours", depth, root)
+            if ours and not self.args.skip_manifest:
+                self.publish_cycle(depth, root, ours)
+            if depth == k and not self.args.skip_original and self.original_fits(depth):
+                original = self.contender("original", depth, root)
+                if ours and original:
+                    self.compare(depth, ours, original)
+            for name in ("ours", "original"):
+                shutil.rmtree(self.out / f"{name}-{depth}L", ignore_errors=True)
+        if not self.args.skip_original and k != layers:
+            self.notes.append(f"The original ran at {k} layers only (memory); ours ran at {k} too, like for like.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    return _meminfo("MemAvailable")
+
+
+def _meminfo(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_facts(bench: Bench) -> list[str]:
+    """CPU, memory, disk and library versions: the context any number here needs."""
+    free = shutil.disk_usage(bench.cache).free
+    return [
+        f"- CPUs: {os.cpu_count()} ({len(os.sched_getaffinity(0))} usable), {platform.machine()}",
+        f"- RAM: {_meminfo('MemTotal') / GIB:.1f} GiB total, {mem_available() / GIB:.1f} GiB available at the end",
+        f"- Disk free under {bench.cache}: {free / GB:.0f} GB",
+        f"- Load average at the start: {bench.load_at_start[0]:.2f} (others' jobs slow the disk and CPUs)",
+        (
+            f"- Python {platform.python_version()}, torch {_version('torch')}, "
+            f"transformers {_version('transformers')}, safetensors {_version('safetensors')}, "
+            f"Linux {platform.release()}"
+        ),
+        f"- Page cache dropped before each run with: {bench.drop_method or 'n/a'}",
+    ]
+
+
+def runs_table(runs: list[Run]) -> list[str]:
+    """One row per run: time, peak memory, bytes moved and their rate."""
+    rows = [
+        "| run | layers | wall s | sync after s | peak RSS GiB | read GB | written GB | GB/s | status |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in runs:
+        if not r.ok:
+            rows.append(f"| {r.name} | {r.layers} |  |  |  |  |  |  | {r.status} |")
+            continue
+        rate = (r.read_bytes + r.written_bytes) / r.wall_s / GB
+        cells = [r.wall_s, r.sync_s, r.peak_rss / GIB, r.read_bytes / GB, r.written_bytes / GB, rate]
+        rows.append(f"| {r.name} | {r.layers} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {r.status} |")
+    return rows
+
+
+def _find(runs: list[Run], name: str, layers: int) -> Run | None:
+    return next((r for r in runs if r.name == name and r.layers == layers and r.ok), None)
+
+
+def ratios_table(runs: list[Run]) -> list[str]:
+    """ours / floor, original / ours (time) and original / ours (peak RSS), each at one depth."""
+    rows = ["| ratio | layers | value |", "| --- | ---: | ---: |"]
+    for layers in sorted({r.layers for r in runs}):
+        ours, floor, original = (_find(runs, n, layers) for n in ("ours", "floor", "original"))
+        if ours and floor:
+            rows.append(f"| ours / floor (time) | {layers} | {ours.wall_s / floor.wall_s:.2f}x |")
+        checked = _find(runs, "ours, manifest-checked", layers)
+        if checked and floor:
+            rows.append(f"| ours manifest-checked / floor (time) | {layers} | {checked.wall_s / floor.wall_s:.2f}x |")
+        if checked and ours:
+            rows.append(f"| ours manifest-checked / ours (time) | {layers} | {checked.wall_s / ours.wall_s:.2f}x |")
+        if ours and original:
+            rows.append(f"| original / ours (time) | {layers} | {original.wall_s / ours.wall_s:.2f}x |")
+            rows.append(f"| original / ours (peak RSS) | {layers} | {original.peak_rss / ours.peak_rss:.2f}x |")
+    return rows if len(rows) > 2 else []
+
+
+def comparison_lines(comparisons: dict[int, dict]) -> list[str]:
+    """What the tensor-by-tensor check of ours against the original found."""
+    lines = []
+    for layers, c in sorted(comparisons.items()):
+        verdict = "yes" if c["identical_except_added_rows"] else "NO"
+        lines.append(
+            f"- {layers} layers: {c['tensors']} tensors compared; bit-identical except the added vocab rows: "
+            f"{verdict}; max |ours - original| = {c['max_abs_diff']:.3g} elsewhere, "
+            f"{c['max_abs_diff_added_rows']:.3g} on the added rows."
+        )
+        for key in ("only_in_ours", "only_in_original", "mismatched", "differing"):
+            if c[key]:
+                lines.append(f"  - {key.replace('_', ' ')}: {', '.join(c[key][:6])}{' ...' if len(c[key]) > 6 else ''}")
+    return lines
+
+
+def _moved(widths: Widths, layers: int) -> int:
+    b = checkpoint_bytes(widths, layers)
+    return b["raw"] + b["diff"] + b["tuned"]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def extrapolate(runs: list[Run], widths: Widths) -> list[str]:
+    """Time and peak RSS at 40 layers: a line through two or more depths, else scaled by bytes moved.
+
+    With one depth, peak RSS scaled by bytes is right for the original (it holds both models whole); for ours
+    and the floor, whose memory should not grow with depth, the table gives the measured value (flat) and the
+    scaled one as a bound: two depths tell which.
+    """
+    rows = ["| run | time at 40 layers | peak RSS at 40 layers | how |", "| --- | ---: | ---: | --- |"]
+    for name in ("floor", "ours", "original"):
+        done = sorted((r for r in runs if r.name == name and r.ok), key=lambda r: r.layers)
+        depths = sorted({r.layers for r in done})
+        if not done:
+            continue
+        xs = [r.layers for r in done]
+        t = statistics.linear_regression(xs, [r.wall_s for r in done]) if len(depths) >= 2 else None
+        if t and t.slope > 0:
+            m = statistics.linear_regression(xs, [r.peak_rss for r in done])
+            wall = t.intercept + t.slope * FULL_LAYERS
+            peak = f"{max(m.intercept + m.slope * FULL_LAYERS, max(r.peak_rss for r in done)) / GIB:.1f} GiB"
+            how = f"line through {depths} layers: {t.intercept:.1f} s + {t.slope:.2f} s/layer"
+        else:
+            r = done[-1]
+            factor = _moved(widths, FULL_LAYERS) / _moved(widths, r.layers)
+            wall = r.wall_s * factor
+            peak = f"{r.peak_rss * factor / GIB:.1f} GiB"
+            if name != "original":
+                peak = f"{r.peak_rss / GIB:.1f} (flat) to {peak}"
+            how = f"{r.layers} layers scaled by bytes moved (x{factor:.1f})"
+            if t:
+                how += f"; no line: time fell with depth ({t.slope:.2f} s/layer), noise"
+        rows.append(f"| {name} | {_duration(wall)} | {peak} | {how} |")
+    b = checkpoint_bytes(widths, FULL_LAYERS)
+    disk = (
+        f"Disk at 40 layers ({widths.name} widths): raw {b['raw'] / GB:.1f} GB + diff {b['diff'] / GB:.1f} GB "
+        f"+ recovered fp32 {b['tuned'] / GB:.1f} GB = {sum(b.values()) / GB:.1f} GB."
+    )
+    return (rows if len(rows) > 2 else []) + ["", disk]
+
+
+LEGEND = (
+    "wall: the process alone, the fastest of --repeat; "
+    "sync after: `sync` right after it exits (the writes it left to the kernel); "
+    "peak RSS: wait4's ru_maxrss, mapped file pages included."
+)
+
+
+def report(bench: Bench) -> str:
+    """The whole Markdown report."""
+    w = bench.widths
+    title = (
+        f"## weight-diff benchmark: {w.name} widths (hidden {w.hidden}, intermediate {w.intermediate}, "
+        f"{w.heads} heads, vocab {w.vocab} raw / {w.vocab + 1} diff)"
+    )
+    parts = [title, "", *runs_table(bench.runs), ""]
+    parts += [LEGEND, ""]
+    ratios = ratios_table(bench.runs)
+    if ratios:
+        parts += ["### Ratios", "", *ratios, ""]
+    if bench.comparisons:
+        parts += ["### Ours against the original", "", *comparison_lines(bench.comparisons), ""]
+    parts += ["### Extrapolation to 40 layers", "", *extrapolate(bench.runs, w), ""]
+    parts += ["### Machine", "", *machine_facts(bench), ""]
+    if bench.notes:
+        parts += ["### Notes", "", *[f"- {n}" for n in bench.notes], ""]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command lines
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=2, help="depth of the synthetic model (default 2)")
+    parser.add_argument(
+        "--original-layers",
+        type=int,
+        default=None,
+        help="depth at which the original runs, memory allowing (default min(layers, 2)); ours runs there too",
+    )
+    parser.add_argument("--quick", action="store_true", help="small widths (hidden 512): the whole run in seconds")
+    parser.add_argument("--skip-original", action="store_true", help="do not run the 2023 algorithm")
+    parser.add_argument(
+        "--skip-manifest", action="store_true", help="do not time make-diff and the manifest-checked recover"
+    )
+    parser.add_argument("--cache-dir", default=str(REPO / "bench-cache"), help="built checkpoints and outputs")
+    parser.add_argument("--out", help="also write the Markdown report to this file")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each kind; the fastest counts (default 1)")
+    parser.add_argument("--timeout", type=float, default=None, help="kill a run after this many seconds")
+    args = parser.parse_args(argv)
+    if args.original_layers is None:
+        args.original_layers = min(args.layers, 2)
+    if min(args.layers, args.original_layers, args.repeat) < 1:
+        parser.error("--layers, --original-layers and --repeat must be at least 1")
+    return args
+
+
+def internal(argv: list[str]) -> None:
+    """The subprocess entry points: `_build`, `_floor` and `_compare`."""
+    # Python put scripts/ first on sys.path, where scripts/weight_diff.py would shadow the weight_diff package.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    parser = argparse.ArgumentParser(prog="bench.py (internal)")
+    sub = parser.add_subparsers(dest="what", required=True)
+    build = sub.add_parser("_build")
+    build.add_argument("--widths", choices=sorted(WIDTHS), required=True)
+    build.add_argument("--layers", type=int, required=True)
+    build.add_argument("root", type=Path)
+    floor = sub.add_parser("_floor")
+    floor.add_argument("inputs", type=Path, nargs="+")
+    floor.add_argument("--out-file", type=Path, required=True)
+    floor.add_argument("--write-bytes", type=int, required=True)
+    compare = sub.add_parser("_compare")
+    compare.add_argument("ours", type=Path)
+    compare.add_argument("original", type=Path)
+    compare.add_argument("--raw-vocab", type=int, required=True)
+    args = parser.parse_args(argv)
+    if args.what == "_build":
+        _build(WIDTHS[args.widths], args.layers, args.root)
+    elif args.what == "_floor":
+        print(json.dumps(_floor(args.inputs, args.out_file, args.write_bytes)))
+    else:
+        print(json.dumps(_compare(args.ours, args.original, args.raw_vocab)))
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0].startswith("_"):
+        internal(argv)
+        return 0
+    args = parse_args(argv)
+    bench = Bench(args)
+    bench.cache.mkdir(parents=True, exist_ok=True)
+    bench.run_all()
+    text = report(bench)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    log(f"benchmark process peak RSS: {own / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
