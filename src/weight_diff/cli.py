@@ -22,6 +22,9 @@ Examples:
 """
 
 
+DTYPES = click.Choice(["auto", "float32", "bfloat16", "float16"])
+
+
 class _Stop(click.ClickException):
     """A library error shown as one line, with the library's exit status."""
 
@@ -133,6 +136,21 @@ class _Progress:
             self.bar.close()
 
 
+def _run_job(job: Callable, label: str, quiet: bool, chat_template: str | None, *paths: Path, **options):
+    """Return a job's report, run with a progress bar in bytes (unless quiet) and the chosen chat template."""
+    progress = _Progress(quiet, label)
+    try:
+        return job(
+            *paths,
+            chat_template=_load_template(chat_template),
+            progress=progress.update,
+            on_plan=progress.on_plan,
+            **options,
+        )
+    finally:
+        progress.close()
+
+
 def _load_template(value: str | None) -> str | None:
     if value is None:
         return None
@@ -165,7 +183,7 @@ Example (the Open-Instruct Self-Instruct 13B diff):
 @_path_option("path_tuned", "Where to write the recovered model (a new directory).")
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=DTYPES,
     default="auto",
     show_default=True,
     help="Output dtype; auto keeps the diff's (float32 for 2023 diffs).",
@@ -176,22 +194,10 @@ def recover(path_raw, path_diff, path_tuned, dtype, max_shard_size, overwrite, r
     """Recover the tuned model: raw + diff, written to PATH_TUNED and checked."""
     from .jobs import recover as run_recover
 
-    progress = _Progress(quiet, "recover")
-    try:
-        report = run_recover(
-            path_raw,
-            path_diff,
-            path_tuned,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            resume=resume,
-            chat_template=_load_template(chat_template),
-            progress=progress.update,
-            on_plan=progress.on_plan,
-        )
-    finally:
-        progress.close()
+    report = _run_job(
+        run_recover, "recover", quiet, chat_template, path_raw, path_diff, path_tuned,
+        dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
+    )  # fmt: skip
     click.echo(_summary("recovered", report))
     if report.verified:
         click.echo(f"verified: {report.tensors} tensors match the publisher's manifest")
@@ -219,21 +225,10 @@ def make_diff(path_raw, path_tuned, path_diff, max_shard_size, overwrite, resume
     """Make a float32 diff (tuned - raw) with a checksum manifest, ready to publish."""
     from .jobs import make_diff as run_make_diff
 
-    progress = _Progress(quiet, "make-diff")
-    try:
-        report = run_make_diff(
-            path_raw,
-            path_tuned,
-            path_diff,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            resume=resume,
-            chat_template=_load_template(chat_template),
-            progress=progress.update,
-            on_plan=progress.on_plan,
-        )
-    finally:
-        progress.close()
+    report = _run_job(
+        run_make_diff, "make-diff", quiet, chat_template, path_raw, path_tuned, path_diff,
+        max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
+    )  # fmt: skip
     click.echo(_summary("made diff of", report))
     click.echo(f"manifest: weight-diff-manifest.json covers {report.tensors} tensors; publish the whole directory")
 
@@ -316,7 +311,7 @@ Example:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=DTYPES,
     default="auto",
     show_default=True,
     help="Load the weights in this dtype; auto keeps the stored one.",

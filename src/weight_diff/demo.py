@@ -48,10 +48,13 @@ def _demo(workdir: Path) -> Iterator[str]:
     worst, identical, total = _compare(out_dir, tuned_dir)
     if worst > 1e-6:
         raise WeightDiffError(f"demo: the recovered model differs from the fine-tune by up to {worst:.3g}")
-    yield (
-        f"check: recovered equals the fine-tune: {identical}/{total} values bit-identical, the rest within "
-        f"float32 rounding (max |difference| {worst:.2g})"
-    )
+    if identical == total:
+        yield f"check: recovered equals the fine-tune: all {total} values bit-identical"
+    else:
+        yield (
+            f"check: recovered equals the fine-tune: {identical}/{total} values bit-identical, the rest within "
+            f"float32 rounding (max |difference| {worst:.2g})"
+        )
     yield _load_and_generate(out_dir)
     yield f"demo passed in {time.monotonic() - started:.1f} s"
 
