@@ -11,6 +11,7 @@ is complete and on disk (fdatasync), then is renamed into place: a shard with it
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -50,6 +51,7 @@ class ShardWriter:
         self.expected = len(self.header) + shard.nbytes
         self.written = 0
         self._unsynced = 0
+        self._failure: Exception | None = None
         self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             os.fchmod(self._fd, FILE_MODE)
@@ -59,7 +61,13 @@ class ShardWriter:
             raise
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append bytes to the shard; ENOSPC becomes a DiskFullError after the partial file is removed."""
+        """Append bytes to the shard; ENOSPC becomes a DiskFullError after the partial file is removed.
+
+        Once a write has failed, every later one raises that same error: blocks still queued behind it must not
+        hide the cause behind a closed file descriptor.
+        """
+        if self._failure is not None:
+            raise self._failure
         view = memoryview(data).cast("B")
         try:
             while view:
@@ -71,29 +79,33 @@ class ShardWriter:
                 os.fdatasync(self._fd)
                 self._unsynced = 0
         except OSError as exc:
-            self.abort()
-            if exc.errno == 28:  # ENOSPC
-                raise DiskFullError(
-                    f"{self.path.parent}: disk full while writing {self.path.name}; the unfinished shard was "
-                    "removed. Free space and run again with --resume"
-                ) from None
-            raise
+            raise self._fail(exc) from None
 
     def finish(self) -> None:
         """Flush the complete shard to disk and give it its final name."""
+        if self._failure is not None:
+            raise self._failure
         if self.written != self.expected:
             self.abort()
             raise RuntimeError(f"{self.path.name}: wrote {self.written} bytes, planned {self.expected}")
         try:
             os.fdatasync(self._fd)
         except OSError as exc:
-            self.abort()
-            if exc.errno == 28:
-                raise DiskFullError(f"{self.path.parent}: disk full while writing {self.path.name}") from None
-            raise
+            raise self._fail(exc) from None
         os.close(self._fd)
         self._fd = -1
         os.replace(self.partial, self.path)
+
+    def _fail(self, exc: OSError) -> Exception:
+        self.abort()
+        if exc.errno == errno.ENOSPC:
+            self._failure = DiskFullError(
+                f"{self.path.parent}: disk full while writing {self.path.name}; the unfinished shard was removed. "
+                "Free space and run again with --resume"
+            )
+        else:
+            self._failure = exc
+        return self._failure
 
     def abort(self) -> None:
         """Close and remove the unfinished file; safe to call twice."""
