@@ -74,7 +74,8 @@ def test_a_recovered_model_is_a_verified_model(dirs):
     assert field(text, "vocab size") == "321"
     size = sum(p.stat().st_size for p in dirs["out"].glob("*.safetensors"))
     assert field(text, "weights") == f"safetensors-sharded, 2 shards, {size / 1e6:.2f} MB"
-    assert field(text, "checksums") == "verified copy: all 7 files match SHA256SUMS"
+    assert field(text, "checksums") == "verified copy: all 8 files match SHA256SUMS"
+    assert field(text, "recovered").endswith("; verified against the publisher's manifest (21 tensors)")
     assert "expects base" not in text
 
 

@@ -117,3 +117,18 @@ def test_a_diff_whose_tensors_differ_from_its_manifest_is_refused(pair, made_dif
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(IntegrityError, match="the diff's tensors differ from its manifest"):
         recover(raw, diff, tmp_path / "out")
+
+
+def test_the_recovery_record_says_whether_the_model_was_verified(pair, made_diff, legacy_diff, tmp_path):
+    import json
+
+    raw, _ = pair
+    recover(raw, made_diff, tmp_path / "checked")
+    recover(raw, legacy_diff, tmp_path / "unchecked")
+    checked = json.loads((tmp_path / "checked" / "weight-diff-recovery.json").read_text())
+    unchecked = json.loads((tmp_path / "unchecked" / "weight-diff-recovery.json").read_text())
+    assert checked["verified"] is True and checked["tensors"] == 21 and len(checked["diff_manifest_sha256"]) == 64
+    assert unchecked["verified"] is False and unchecked["diff_manifest_sha256"] is None
+    assert "weight-diff-recovery.json" in (tmp_path / "checked" / "SHA256SUMS").read_text()
+    unchecked_text = run("inspect", tmp_path / "unchecked").output
+    assert "not verified (the diff had no manifest)" in unchecked_text

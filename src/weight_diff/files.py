@@ -14,12 +14,12 @@ import torch
 
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, WEIGHT_SUFFIXES
 from .errors import CheckpointError, DiskFullError
-from .manifest import MANIFEST_NAME, SUMS_NAME, dtype_name
+from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, dtype_name
 from .writer import FILE_MODE, PARTIAL_SUFFIX
 
 CONFIG_NAME = "config.json"
 # Files that describe weights this tool rewrites, or its own bookkeeping: never copied from an input.
-NOT_COPIED = {SAFETENSORS_INDEX, BIN_INDEX, MANIFEST_NAME, SUMS_NAME, CONFIG_NAME}
+NOT_COPIED = {SAFETENSORS_INDEX, BIN_INDEX, MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, CONFIG_NAME}
 
 
 def companion_files(directory: Path) -> list[Path]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import IntegrityError
 from .files import CONFIG_NAME
-from .manifest import SUMS_NAME, Digest, Manifest, dtype_name, read_sums
+from .manifest import RECOVERY_NAME, SUMS_NAME, Digest, Manifest, dtype_name, read_sums
 from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size
 from .role import classify
 from .verify import check_sums
@@ -70,6 +70,7 @@ class Inspection:
     base: str | None  # from the manifest: the raw model a diff was made against
     made_by: dict | None  # the manifest's tool versions
     sums: Sums
+    recovery: dict | None = None  # weight-diff-recovery.json of a model that recover wrote
 
     def lines(self) -> list[str]:
         """Return the inspection as text for a person, one fact a line."""
@@ -91,6 +92,8 @@ class Inspection:
             rows.append(("expects base", self.base or "not recorded (no manifest)"))
             if self.made_by:
                 rows.append(("made by", ", ".join(f"{k} {v}" for k, v in self.made_by.items())))
+        if self.recovery:
+            rows.append(("recovered", _describe_recovery(self.recovery)))
         rows.append(("checksums", self.sums.describe(self.kind)))
         return [f"{self.path}: {what}"] + [f"  {label + ':':<14} {value}" for label, value in rows]
 
@@ -129,8 +132,18 @@ def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspect
             chat_template=_has_chat_template(directory),
             base=_expected_base(manifest) if manifest is not None else None,
             made_by=manifest.tool if manifest is not None else None,
+            recovery=_read_json(directory / RECOVERY_NAME) or None,
             sums=_check_sums(directory, checkpoint.files, hash_files=check_sums),
         )
+
+
+def _describe_recovery(record: dict) -> str:
+    tool = record.get("tool", {}).get("weight_diff", "?")
+    if record.get("verified"):
+        verdict = f"verified against the publisher's manifest ({record.get('tensors')} tensors)"
+    else:
+        verdict = "not verified (the diff had no manifest)"
+    return f"by weight-diff {tool} from {record.get('diff')}; {verdict}"
 
 
 def _embedding(tensors: dict[str, TensorInfo]) -> TensorInfo | None:

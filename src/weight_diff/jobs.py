@@ -23,7 +23,7 @@ import torch
 from . import __version__, files, output
 from .checkpoint import Checkpoint
 from .errors import IntegrityError, UsageError
-from .manifest import MANIFEST_NAME, SUMS_NAME, Manifest, TensorRecord, dtype_name, format_sums
+from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, Manifest, TensorRecord, dtype_name, format_sums
 from .pipeline import Hashing, Pipeline, TensorDigests
 from .plan import Plan, TensorJob, plan_pairs
 from .role import classify
@@ -83,7 +83,7 @@ def recover(
             on_tensor=on_tensor,
             config=config,
             companions=files.companion_files(diff_dir),
-            extra_files={},
+            extra_files={RECOVERY_NAME: lambda: _recovery_record(diff_dir, manifest, plan)},
             chat_template=chat_template,
             overwrite=overwrite,
             resume=resume,
@@ -308,6 +308,25 @@ def _rules(plan: Plan) -> dict:
         "raw_vocab_size": vocab[0].raw.rows if vocab else None,
         "tuned_vocab_size": vocab[0].other.rows if vocab else None,
     }
+
+
+def _recovery_record(diff_dir: Path, manifest: Manifest | None, plan: Plan) -> bytes:
+    """Return ``weight-diff-recovery.json``: how this model was made, so ``inspect`` can say it later.
+
+    It is written only when the run finished, so ``verified`` means every tensor matched the manifest.
+    """
+    manifest_path = diff_dir / MANIFEST_NAME
+    body = {
+        "format": "weight-diff-recovery",
+        "version": 1,
+        "diff": str(diff_dir.resolve()),
+        "diff_manifest_sha256": _sha256(manifest_path.read_bytes()) if manifest is not None else None,
+        "verified": manifest is not None,
+        "tensors": len(plan.jobs),
+        "dtype": dtype_name(plan.dtype),
+        "tool": _tool_versions(),
+    }
+    return files.json_bytes(body)
 
 
 def _tool_versions() -> dict:

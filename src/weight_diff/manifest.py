@@ -24,6 +24,7 @@ MANIFEST_NAME = "weight-diff-manifest.json"
 MANIFEST_FORMAT = "weight-diff-manifest"
 MANIFEST_VERSION = 1
 SUMS_NAME = "SHA256SUMS"
+RECOVERY_NAME = "weight-diff-recovery.json"  # in a recovered model: which diff, and whether it was verified
 HASH_CHUNK = 64 * 2**20
 
 
