@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ MANIFEST_FORMAT = "weight-diff-manifest"
 MANIFEST_VERSION = 1
 SUMS_NAME = "SHA256SUMS"
 RECOVERY_NAME = "weight-diff-recovery.json"  # in a recovered model: which diff, and whether it was verified
-HASH_CHUNK = 64 * 2**20
+HASH_CHUNK = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,17 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def file_sha256(path: Path) -> str:
+    """Return a file's SHA-256, reading the next chunk into a reused buffer while the current one is hashed."""
     hasher = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            hasher.update(chunk)
+    buffers = [bytearray(HASH_CHUNK), bytearray(HASH_CHUNK)]
+    with path.open("rb", buffering=0) as file, ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(file.readinto, buffers[0])
+        turn = 0
+        while size := pending.result():
+            current = memoryview(buffers[turn])[:size]
+            turn ^= 1
+            pending = reader.submit(file.readinto, buffers[turn])
+            hasher.update(current)
     return hasher.hexdigest()
 
 
