@@ -124,19 +124,15 @@ def test_neither_a_built_in_name_nor_a_file_is_a_usage_error(pair, diff, tmp_pat
     )
 
 
-def test_make_diff_embeds_the_template_and_recover_keeps_it_without_the_flag(pair, tmp_path):
+def make_diff_with_open_instruct(pair, tmp_path):
     diff = tmp_path / "diff"
-    cli(
-        "make-diff",
-        "--path_raw",
-        pair[0],
-        "--path_tuned",
-        pair[1],
-        "--path_diff",
-        diff,
-        "--chat-template",
-        "open-instruct",
-    )
+    cli("make-diff", "--path_raw", pair[0], "--path_tuned", pair[1], "--path_diff", diff,
+        "--chat-template", "open-instruct")  # fmt: skip
+    return diff
+
+
+def test_make_diff_embeds_the_template_and_recover_keeps_it_without_the_flag(pair, tmp_path):
+    diff = make_diff_with_open_instruct(pair, tmp_path)
     assert json.loads((diff / "tokenizer_config.json").read_text())["chat_template"] == OPEN_INSTRUCT
 
     out = recover(pair[0], diff, tmp_path / "out")
@@ -145,18 +141,7 @@ def test_make_diff_embeds_the_template_and_recover_keeps_it_without_the_flag(pai
 
 
 def test_the_flag_replaces_a_template_the_diff_carries_in_tokenizer_config(pair, tmp_path):
-    diff = tmp_path / "diff"
-    cli(
-        "make-diff",
-        "--path_raw",
-        pair[0],
-        "--path_tuned",
-        pair[1],
-        "--path_diff",
-        diff,
-        "--chat-template",
-        "open-instruct",
-    )
+    diff = make_diff_with_open_instruct(pair, tmp_path)
     template = tmp_path / "mine.jinja"
     template.write_text(OWN_TEMPLATE)
 
