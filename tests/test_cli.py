@@ -150,3 +150,21 @@ def test_the_recovered_model_matches_the_fine_tune_through_the_cli(pair, made_di
     )
     ours, expected = load_tensors(tmp_path / "o"), load_tensors(tuned)
     assert all(torch.allclose(ours[n], t, rtol=0, atol=1e-6) for n, t in expected.items())
+
+
+def test_an_unforeseen_failure_is_still_one_line_and_debug_shows_the_traceback(pair, made_diff, tmp_path, monkeypatch):
+    from weight_diff import jobs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something nobody foresaw\nsecond line")
+
+    monkeypatch.setattr(jobs, "recover", broken)
+    raw, _ = pair
+    args = ["recover", "--path_raw", raw, "--path_diff", made_diff, "--path_tuned", tmp_path / "out"]
+    result = run(*args)
+    assert result.exit_code == 1
+    assert result.output == (
+        "error: unexpected RuntimeError: something nobody foresaw; run again with --debug for details and report it\n"
+    )
+    debug = run("--debug", *args)
+    assert isinstance(debug.exception, RuntimeError)

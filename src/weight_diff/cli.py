@@ -65,6 +65,15 @@ def reports_errors(command: Callable) -> Callable:
                 raise
             where = f"{error.filename}: " if error.filename else ""
             raise _Stop(f"{where}{error.strerror or error}", 1) from None
+        except (click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as error:  # a bug or a case nobody foresaw: still one line, and how to learn more
+            if debug:
+                raise
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            raise _Stop(
+                f"unexpected {type(error).__name__}: {first}; run again with --debug for details and report it", 1
+            ) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
 
