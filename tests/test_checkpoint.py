@@ -126,3 +126,37 @@ def test_a_corrupted_bin_zip_is_named(tmp_path):
     path.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(CheckpointError, match="pytorch_model.bin: not a"):
         Checkpoint.open(tmp_path)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "no_o_direct"])
+def test_rows_read_the_same_with_or_without_o_direct(tmp_path, monkeypatch, direct):
+    import errno
+
+    from weight_diff import checkpoint as checkpoint_module
+
+    if not direct:
+        real_open = os.open
+
+        def refuse_direct(path, flags, *args):
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(checkpoint_module.os, "open", refuse_direct)
+    saved = {"a": torch.randn(3), "b": torch.randn(1001, 7), "c": torch.randn(5, 3).half()}  # unaligned offsets
+    save_file(saved, tmp_path / "model.safetensors")
+    with Checkpoint.open(tmp_path) as checkpoint:
+        for name, tensor in saved.items():
+            info = checkpoint.tensors[name]
+            assert torch.equal(checkpoint.read_rows(info, 0, info.rows), tensor)
+            assert torch.equal(checkpoint.read_rows(info, 1, 2), tensor[1:2])
+            assert torch.equal(checkpoint.read_rows(info, 0, info.rows, out=off_page_buffer(info.nbytes)), tensor)
+        uses_direct = checkpoint._fds.get((tmp_path / "model.safetensors", True)) is not None
+        assert uses_direct == (direct and hasattr(os, "O_DIRECT"))
+
+
+def off_page_buffer(nbytes):
+    """A caller's own buffer, aligned for any dtype but not to a page: reads take the buffered path."""
+    base = torch.empty(nbytes + 8192, dtype=torch.uint8)
+    skip = (8 - base.data_ptr()) % 4096 or 8
+    return base[skip : skip + nbytes]

@@ -189,8 +189,8 @@ def test_a_disk_filling_up_stops_cleanly_and_resume_finishes(pair, made_diff, tm
     monkeypatch.setattr(writer.os, "write", filling_write)
     out = tmp_path / "out"
     result = recover_cli(raw, made_diff, out, "--max-shard-size", "100KB")
-    assert result.exit_code == 1 and "disk full while writing model-0000" in result.output
-    assert "--resume" in result.output
+    assert result.exit_code == 1 and "disk full while writing " in result.output  # a shard or the journal
+    assert "free space and run again with --resume" in result.output
     assert not (out / "config.json").exists() and not list(out.glob("*.partial"))
     kept = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert kept and len(kept) < len(list(reference.glob("model-*.safetensors")))

@@ -16,10 +16,11 @@ from weight_diff.writer import ShardWriter
 
 
 def shard(tensors: dict[str, torch.Tensor], out_dtype=torch.float32) -> ShardPlan:
+    """A one-shard plan writing ``tensors`` in ``out_dtype`` (None: each in its own dtype)."""
     jobs = []
     for name, tensor in tensors.items():
         info = TensorInfo(name, tensor.dtype, tuple(tensor.shape), Path("in.safetensors"), 0)
-        jobs.append(TensorJob(name, info, info, out_dtype, 0))
+        jobs.append(TensorJob(name, info, info, out_dtype or tensor.dtype, 0))
     return ShardPlan("model.safetensors", tuple(jobs))
 
 
@@ -49,15 +50,53 @@ def test_a_short_shard_is_never_renamed_into_place(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_removes_the_partial_shard_and_every_later_write_says_so(tmp_path, monkeypatch):
-    writer = ShardWriter(tmp_path, shard({"a": torch.randn(1024)}))
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_disk_full_removes_the_partial_shard_and_every_later_write_says_so(tmp_path, monkeypatch, direct):
+    writer = ShardWriter(tmp_path, shard({"a": torch.randn(6 * 2**20)}), direct=direct)
+    assert writer.direct == direct
 
     def full(fd, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(writer_module.os, "write", full)
+    block = b"\0" * (writer_module.STAGING_BYTES // 2)
     with pytest.raises(DiskFullError, match="disk full while writing model.safetensors"):
-        writer.write(b"\0" * 4096)
+        for _ in range(4):  # O_DIRECT writes when its staging buffer fills
+            writer.write(block)
     with pytest.raises(DiskFullError):
-        writer.write(b"\0" * 4096)
+        writer.write(block)
+    with pytest.raises(DiskFullError):
+        writer.finish()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_direct_and_buffered_writes_give_the_same_file_of_any_length(tmp_path):
+    # 5 MiB + 12 bytes of float32 and an odd-sized float16 tensor: the last O_DIRECT block is padded, then cut.
+    tensors = {"w": torch.randn(1310723), "h": torch.randn(3, 7).half()}
+    files = {}
+    for direct in (True, False):
+        directory = tmp_path / str(direct)
+        directory.mkdir()
+        writer = ShardWriter(directory, shard(tensors, out_dtype=None), direct=direct)
+        for tensor in tensors.values():
+            writer.write(tensor_bytes(tensor))
+        writer.finish()
+        files[direct] = (directory / "model.safetensors").read_bytes()
+    assert files[True] == files[False]
+    assert len(files[True]) == writer.expected
+
+
+def test_a_file_system_without_o_direct_falls_back_to_buffered_writes(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def no_direct(path, flags, mode=0o777):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(writer_module.os, "open", no_direct)
+    writer = ShardWriter(tmp_path, shard({"a": torch.ones(4)}))
+    assert not writer.direct
+    writer.write(tensor_bytes(torch.ones(4)))
+    writer.finish()
+    assert (tmp_path / "model.safetensors").stat().st_size == writer.expected

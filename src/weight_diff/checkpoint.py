@@ -10,8 +10,10 @@ reuses, so the page cache does not pile up in our RSS however large the shards a
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 import pickle
 import struct
@@ -46,6 +48,12 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+DIRECT_ALIGN = 4096  # O_DIRECT reads need the buffer, the offset and the length aligned to the device's block
+
+
+def aligned_bytes(nbytes: int) -> torch.Tensor:
+    """Return an uninitialised uint8 tensor on page-aligned memory, fit for O_DIRECT reads and writes."""
+    return torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,7 @@ class Checkpoint:
     layout: str
     tensors: dict[str, TensorInfo]
     files: list[Path]
-    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    _fds: dict[tuple[Path, bool], int | None] = field(default_factory=dict, repr=False)
     _torch_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -179,18 +187,49 @@ class Checkpoint:
             return view.reshape(shape)
         nbytes = count * info.dtype.itemsize
         if out is None:
-            out = torch.empty(nbytes, dtype=torch.uint8)
-        buffer = out[:nbytes]
-        self._pread(info, info.offset + start * info.row_numel * info.dtype.itemsize, buffer)
-        return buffer.view(info.dtype).view(shape)
+            out = aligned_bytes(nbytes + 2 * DIRECT_ALIGN)
+        data = self._pread(info, info.offset + start * info.row_numel * info.dtype.itemsize, nbytes, out)
+        return data.view(info.dtype).view(shape)
 
-    def _pread(self, info: TensorInfo, offset: int, buffer: torch.Tensor) -> None:
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+    def _pread(self, info: TensorInfo, offset: int, nbytes: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Return ``nbytes`` of the file from ``offset``, read into ``buffer``.
+
+        With a page-aligned buffer the read bypasses the page cache (O_DIRECT): whole aligned pages are read and
+        the bytes wanted are a view inside them. That spares the kernel allocating and copying page cache for
+        data read exactly once (on this project's machines, a core's worth of time at disk speed).
+        """
+        start = offset - offset % DIRECT_ALIGN
+        end = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+        if buffer.data_ptr() % DIRECT_ALIGN == 0 and end - start <= buffer.numel():
+            fd = self._fd(info.file, direct=True)
+            if fd is not None:
+                self._read_at_least(fd, info, buffer[: end - start], start, offset + nbytes - start)
+                return buffer[offset - start : offset - start + nbytes]
+        self._read_at_least(self._fd(info.file, direct=False), info, buffer[:nbytes], offset, nbytes)
+        return buffer[:nbytes]
+
+    def _fd(self, path: Path, *, direct: bool) -> int | None:
+        """Return an open descriptor for ``path``, or None for O_DIRECT where the file system refuses it."""
+        key = (path, direct)
+        if key not in self._fds:
+            flags = os.O_RDONLY
+            if direct:
+                flags |= getattr(os, "O_DIRECT", 0)
+                if flags == os.O_RDONLY:
+                    self._fds[key] = None
+                    return None
+            try:
+                self._fds[key] = os.open(path, flags)
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+                self._fds[key] = None
+        return self._fds[key]
+
+    def _read_at_least(self, fd: int, info: TensorInfo, buffer: torch.Tensor, offset: int, need: int) -> None:
         view = memoryview(buffer.numpy()).cast("B")
         done = 0
-        while done < len(view):
+        while done < need:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
                 raise CheckpointError(
@@ -200,7 +239,8 @@ class Checkpoint:
 
     def close(self) -> None:
         for fd in self._fds.values():
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         self._fds.clear()
         self._torch_tensors.clear()
 

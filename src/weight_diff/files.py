@@ -70,7 +70,9 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(fd)
         partial.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise DiskFullError(f"{path.parent}: disk full while writing {path.name}; free space, run again") from None
+            raise DiskFullError(
+                f"{path.parent}: disk full while writing {path.name}; free space and run again with --resume"
+            ) from None
         raise
     os.close(fd)
     os.replace(partial, path)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from . import arithmetic
-from .checkpoint import Checkpoint
+from .checkpoint import DIRECT_ALIGN, Checkpoint, aligned_bytes
 from .manifest import Digest, dtype_name, tensor_bytes
 from .plan import Plan, ShardPlan, TensorJob
 from .writer import ShardWriter
@@ -94,10 +94,11 @@ class _BufferSet:
 
     @classmethod
     def allocate(cls, elements: int) -> _BufferSet:
-        # torch.empty does not touch memory: only the bytes a block really uses become resident.
+        # Neither torch.empty nor mmap touches memory: only the bytes a block really uses become resident.
+        # Read buffers are page-aligned, with a page of slack each side, for O_DIRECT reads.
         return cls(
-            raw=torch.empty(elements * 8, dtype=torch.uint8),
-            other=torch.empty(elements * 8, dtype=torch.uint8),
+            raw=aligned_bytes(elements * 8 + 2 * DIRECT_ALIGN),
+            other=aligned_bytes(elements * 8 + 2 * DIRECT_ALIGN),
             work=torch.empty(elements, dtype=torch.float32),
             result=torch.empty(elements, dtype=torch.float32),
             cast=torch.empty(elements * 8, dtype=torch.uint8),

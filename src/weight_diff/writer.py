@@ -4,6 +4,10 @@ The safetensors library has no incremental writer, so this one writes the header
 is known from the plan), then the tensor bytes in plan order. The shard lives under a ``.partial`` name until it
 is complete and on disk (fdatasync), then is renamed into place: a shard with its final name is always whole.
 
+Where the file system allows it, the shard is written with ``O_DIRECT`` through a reused, page-aligned staging
+buffer: on this project's machines the page cache made buffered writes cost a core of kernel time and run at
+0.4-0.9 GB/s, while direct writes reached 3 GB/s for almost no CPU. Elsewhere (tmpfs, macOS) it writes buffered.
+
 >>> writer = ShardWriter(out_dir, shard)      # writes writer.header
 >>> writer.write(block_bytes)                # ... every block of every tensor, in plan order
 >>> writer.finish()                          # on disk, under its final name
@@ -13,16 +17,18 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 from pathlib import Path
 
-from .checkpoint import SAFETENSORS_NAMES
+from .checkpoint import DIRECT_ALIGN, SAFETENSORS_NAMES
 from .errors import DiskFullError
 from .plan import ShardPlan
 
 PARTIAL_SUFFIX = ".partial"
 FILE_MODE = 0o644
-SYNC_EVERY = 1 * 2**30  # bound dirty pages so the final fdatasync is short and writeback overlaps compute
+SYNC_EVERY = 1 * 2**30  # buffered mode: bound dirty pages so the final fdatasync is short
+STAGING_BYTES = 16 * 2**20
 
 
 def safetensors_header(shard: ShardPlan) -> bytes:
@@ -41,18 +47,33 @@ def safetensors_header(shard: ShardPlan) -> bytes:
     return len(body).to_bytes(8, "little") + body
 
 
+def _open_for_writing(path: Path, direct: bool) -> tuple[int, bool]:
+    """Return a new file's descriptor and whether it is in O_DIRECT mode (not every file system offers it)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    o_direct = getattr(os, "O_DIRECT", 0)
+    if direct and o_direct:
+        try:
+            return os.open(path, flags | o_direct, FILE_MODE), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, FILE_MODE), False
+
+
 class ShardWriter:
     """Writes one shard under a temporary name and renames it when complete (the caller hashes the bytes)."""
 
-    def __init__(self, directory: Path, shard: ShardPlan) -> None:
+    def __init__(self, directory: Path, shard: ShardPlan, *, direct: bool = True) -> None:
         self.path = directory / shard.file_name
         self.partial = directory / (shard.file_name + PARTIAL_SUFFIX)
         self.header = safetensors_header(shard)
         self.expected = len(self.header) + shard.nbytes
-        self.written = 0
+        self.written = 0  # bytes accepted, staged or on disk
         self._unsynced = 0
         self._failure: Exception | None = None
-        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        self._fd, self.direct = _open_for_writing(self.partial, direct)
+        self._staging = mmap.mmap(-1, STAGING_BYTES) if self.direct else None  # anonymous maps are page-aligned
+        self._staged = 0
         try:
             os.fchmod(self._fd, FILE_MODE)
             self.write(self.header)
@@ -70,16 +91,32 @@ class ShardWriter:
             raise self._failure
         view = memoryview(data).cast("B")
         try:
-            while view:
-                done = os.write(self._fd, view)
-                view = view[done:]
-                self.written += done
-                self._unsynced += done
-            if self._unsynced >= SYNC_EVERY:
-                os.fdatasync(self._fd)
-                self._unsynced = 0
+            if self.direct:
+                self._stage(view)
+            else:
+                self._write_all(view)
+                if self._unsynced >= SYNC_EVERY:
+                    os.fdatasync(self._fd)
+                    self._unsynced = 0
         except OSError as exc:
             raise self._fail(exc) from None
+        self.written += len(view)
+
+    def _stage(self, view: memoryview) -> None:
+        while view:
+            take = min(len(view), STAGING_BYTES - self._staged)
+            self._staging[self._staged : self._staged + take] = view[:take]
+            self._staged += take
+            view = view[take:]
+            if self._staged == STAGING_BYTES:
+                self._write_all(memoryview(self._staging))
+                self._staged = 0
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            done = os.write(self._fd, view)
+            view = view[done:]
+            self._unsynced += done
 
     def finish(self) -> None:
         """Flush the complete shard to disk and give it its final name."""
@@ -89,11 +126,18 @@ class ShardWriter:
             self.abort()
             raise RuntimeError(f"{self.path.name}: wrote {self.written} bytes, planned {self.expected}")
         try:
+            if self.direct and self._staged:
+                # The last block goes out padded to the alignment; the padding is then cut off.
+                padded = -(-self._staged // DIRECT_ALIGN) * DIRECT_ALIGN
+                self._staging[self._staged : padded] = bytes(padded - self._staged)
+                self._write_all(memoryview(self._staging)[:padded])
+                os.ftruncate(self._fd, self.expected)
             os.fdatasync(self._fd)
         except OSError as exc:
             raise self._fail(exc) from None
         os.close(self._fd)
         self._fd = -1
+        self._release_staging()
         os.replace(self.partial, self.path)
 
     def _fail(self, exc: OSError) -> Exception:
@@ -107,9 +151,14 @@ class ShardWriter:
             self._failure = exc
         return self._failure
 
+    def _release_staging(self) -> None:
+        # Dropped, not closed: a view of it may still live in a traceback; the map goes with the last reference.
+        self._staging = None
+
     def abort(self) -> None:
         """Close and remove the unfinished file; safe to call twice."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._release_staging()
         self.partial.unlink(missing_ok=True)
