@@ -160,3 +160,26 @@ def off_page_buffer(nbytes):
     base = torch.empty(nbytes + 8192, dtype=torch.uint8)
     skip = (8 - base.data_ptr()) % 4096 or 8
     return base[skip : skip + nbytes]
+
+
+def test_a_direct_read_refused_after_open_falls_back_to_buffered_reads(tmp_path, monkeypatch):
+    import errno
+
+    from weight_diff import checkpoint as checkpoint_module
+
+    saved = {"b": torch.randn(1001, 7)}
+    save_file(saved, tmp_path / "model.safetensors")
+    real_preadv = os.preadv
+    calls = {"n": 0}
+
+    def refuse_first(fd, buffers, offset):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(checkpoint_module.os, "preadv", refuse_first)
+    with Checkpoint.open(tmp_path) as checkpoint:
+        info = checkpoint.tensors["b"]
+        assert torch.equal(checkpoint.read_rows(info, 0, info.rows), saved["b"])
+        assert checkpoint._fds[(tmp_path / "model.safetensors", True)] is None

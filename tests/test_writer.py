@@ -100,3 +100,24 @@ def test_a_file_system_without_o_direct_falls_back_to_buffered_writes(tmp_path, 
     writer.write(tensor_bytes(torch.ones(4)))
     writer.finish()
     assert (tmp_path / "model.safetensors").stat().st_size == writer.expected
+
+
+def test_a_direct_write_refused_midway_continues_buffered_with_the_same_bytes(tmp_path, monkeypatch):
+    tensors = {"w": torch.randn(6 * 2**20)}  # 24 MiB: the first staging flush happens mid-shard
+    real_write = os.write
+    calls = {"n": 0}
+
+    def refuse_first(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer_module.os, "write", refuse_first)
+    writer = ShardWriter(tmp_path, shard(tensors))
+    assert writer.direct
+    writer.write(tensor_bytes(tensors["w"]))
+    writer.finish()
+    assert not writer.direct
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as file:
+        assert torch.equal(file.get_tensor("w"), tensors["w"])

@@ -203,8 +203,14 @@ class Checkpoint:
         if buffer.data_ptr() % DIRECT_ALIGN == 0 and end - start <= buffer.numel():
             fd = self._fd(info.file, direct=True)
             if fd is not None:
-                self._read_at_least(fd, info, buffer[: end - start], start, offset + nbytes - start)
-                return buffer[offset - start : offset - start + nbytes]
+                try:
+                    self._read_at_least(fd, info, buffer[: end - start], start, offset + nbytes - start)
+                    return buffer[offset - start : offset - start + nbytes]
+                except OSError as exc:  # O_DIRECT accepted at open, refused on read: read buffered from now on
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    os.close(fd)
+                    self._fds[(info.file, True)] = None
         self._read_at_least(self._fd(info.file, direct=False), info, buffer[:nbytes], offset, nbytes)
         return buffer[:nbytes]
 

@@ -70,6 +70,7 @@ class ShardWriter:
         self.expected = len(self.header) + shard.nbytes
         self.written = 0  # bytes accepted, staged or on disk
         self._unsynced = 0
+        self._on_disk = 0  # bytes that reached the file
         self._failure: Exception | None = None
         self._fd, self.direct = _open_for_writing(self.partial, direct)
         self._staging = mmap.mmap(-1, STAGING_BYTES) if self.direct else None  # anonymous maps are page-aligned
@@ -109,14 +110,29 @@ class ShardWriter:
             self._staged += take
             view = view[take:]
             if self._staged == STAGING_BYTES:
-                self._write_all(memoryview(self._staging))
+                self._flush_staging(memoryview(self._staging))
                 self._staged = 0
+
+    def _flush_staging(self, view: memoryview) -> None:
+        """Write staged, aligned bytes; a file system that accepted O_DIRECT at open but refuses the write
+        (EINVAL: a larger block size, say) gets the rest of the shard buffered."""
+        try:
+            self._write_all(view)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            buffered = os.open(self.partial, os.O_WRONLY)
+            os.lseek(buffered, self._on_disk, os.SEEK_SET)
+            os.close(self._fd)
+            self._fd, self.direct = buffered, False
+            self._write_all(view)
 
     def _write_all(self, view: memoryview) -> None:
         while view:
             done = os.write(self._fd, view)
             view = view[done:]
             self._unsynced += done
+            self._on_disk += done
 
     def finish(self) -> None:
         """Flush the complete shard to disk and give it its final name."""
@@ -126,11 +142,13 @@ class ShardWriter:
             self.abort()
             raise RuntimeError(f"{self.path.name}: wrote {self.written} bytes, planned {self.expected}")
         try:
-            if self.direct and self._staged:
+            if self._staged and not self.direct:  # O_DIRECT was given up midway: the rest goes out as it is
+                self._write_all(memoryview(self._staging)[: self._staged])
+            elif self._staged:
                 # The last block goes out padded to the alignment; the padding is then cut off.
                 padded = -(-self._staged // DIRECT_ALIGN) * DIRECT_ALIGN
                 self._staging[self._staged : padded] = bytes(padded - self._staged)
-                self._write_all(memoryview(self._staging)[:padded])
+                self._flush_staging(memoryview(self._staging)[:padded])
                 os.ftruncate(self._fd, self.expected)
             os.fdatasync(self._fd)
         except OSError as exc:
