@@ -293,10 +293,14 @@ def verify(path, diff_dir):
     click.echo(f"verified: {matched} {what} in {path} match")
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
+
+
 def _summary(verb: str, report) -> str:
     resumed = f", {report.resumed_shards} kept from the interrupted run" if report.resumed_shards else ""
     return (
-        f"{verb} {report.tensors} tensors ({report.bytes_written / 1e9:.2f} GB in {report.shards} shard"
+        f"{verb} {report.tensors} tensors ({_size(report.bytes_written)} in {report.shards} shard"
         f"{'s' if report.shards != 1 else ''}{resumed}) into {report.out_dir} in {report.seconds:.1f} s"
     )
 
