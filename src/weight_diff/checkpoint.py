@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -310,7 +310,7 @@ def read_bin_header(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tenso
         raise _unsafe_pickle(path, exc) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)}); download it again"
+            f"{path}: not a readable PyTorch checkpoint ({first_line(exc)}); download it again"
         ) from None
     state = _as_state_dict(path, state)
     offsets = _record_offsets(path)
@@ -337,7 +337,7 @@ def _read_legacy_bin(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tens
         raise _unsafe_pickle(path, exc) from None
     except Exception as exc:  # torch raises many types for garbage input
         raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {_first_line(exc)}); download it again"
+            f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {first_line(exc)}); download it again"
         ) from None
     state = _as_state_dict(path, state)
     infos = [TensorInfo(n, t.dtype, tuple(t.shape), path, None) for n, t in state.items() if is_weight_name(n)]
@@ -366,8 +366,3 @@ def _unsafe_pickle(path: Path, exc: BaseException) -> CheckpointError:
         f"{path}: refused: its pickle holds code or objects other than tensors ({what}); it was not executed. "
         "Get the file from a source you trust, or as safetensors"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

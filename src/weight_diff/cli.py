@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import Interrupted, WeightDiffError
+from .errors import Interrupted, WeightDiffError, first_line
 
 EXAMPLES = """
 \b
@@ -70,9 +70,10 @@ def reports_errors(command: Callable) -> Callable:
         except Exception as error:  # a bug or a case nobody foresaw: still one line, and how to learn more
             if debug:
                 raise
-            first = (str(error).strip().splitlines() or [""])[0][:200]
             raise _Stop(
-                f"unexpected {type(error).__name__}: {first}; run again with --debug for details and report it", 1
+                f"unexpected {type(error).__name__}: {first_line(error)}; run again with --debug for details and "
+                "report it",
+                1,
             ) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -293,14 +294,12 @@ def verify(path, diff_dir):
     click.echo(f"verified: {matched} {what} in {path} match")
 
 
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
-
-
 def _summary(verb: str, report) -> str:
+    from .plan import format_size  # imports torch: only once a job has run
+
     resumed = f", {report.resumed_shards} kept from the interrupted run" if report.resumed_shards else ""
     return (
-        f"{verb} {report.tensors} tensors ({_size(report.bytes_written)} in {report.shards} shard"
+        f"{verb} {report.tensors} tensors ({format_size(report.bytes_written)} in {report.shards} shard"
         f"{'s' if report.shards != 1 else ''}{resumed}) into {report.out_dir} in {report.seconds:.1f} s"
     )
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
+from .compare import compare_models
 from .errors import WeightDiffError
 from .jobs import make_diff, recover
 
@@ -45,8 +45,11 @@ def _demo(workdir: Path) -> Iterator[str]:
     verdict = "verified against the manifest" if recovered.verified else "NOT verified"
     yield f"recover: {recovered.tensors} tensors into {out_dir}, {verdict}, {recovered.seconds:.2f} s"
 
-    worst, identical, total = _compare(out_dir, tuned_dir)
-    if worst > 1e-6:
+    check = compare_models(out_dir, tuned_dir, tol=1e-6)
+    worst = check.max_abs_diff or 0.0
+    identical = sum(t.identical or 0 for t in check.tensors)
+    total = sum(t.numel for t in check.tensors)
+    if not check.agrees:
         raise WeightDiffError(f"demo: the recovered model differs from the fine-tune by up to {worst:.3g}")
     if identical == total:
         yield f"check: recovered equals the fine-tune: all {total} values bit-identical"
@@ -57,18 +60,6 @@ def _demo(workdir: Path) -> Iterator[str]:
         )
     yield _load_and_generate(out_dir)
     yield f"demo passed in {time.monotonic() - started:.1f} s"
-
-
-def _compare(a: Path, b: Path) -> tuple[float, int, int]:
-    worst, identical, total = 0.0, 0, 0
-    with Checkpoint.open(a) as left, Checkpoint.open(b) as right:
-        for name, info in right.tensors.items():
-            x = left.read_rows(left.tensors[name], 0, info.rows).float()
-            y = right.read_rows(info, 0, info.rows).float()
-            worst = max(worst, (x - y).abs().max().item())
-            identical += int((x == y).sum())
-            total += y.numel()
-    return worst, identical, total
 
 
 def _load_and_generate(out_dir: Path) -> str:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """Return the first line of an exception's message (at most 200 characters), for a one-line error."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
 class WeightDiffError(Exception):
     """A problem with the inputs or the environment, worded for the user (exit status 1)."""
 

@@ -18,6 +18,7 @@ from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, dtype_name
 from .writer import FILE_MODE, PARTIAL_SUFFIX
 
 CONFIG_NAME = "config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a template, preferred to tokenizer_config
 # Files that describe weights this tool rewrites, or its own bookkeeping: never copied from an input.
 NOT_COPIED = {SAFETENSORS_INDEX, BIN_INDEX, MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, CONFIG_NAME}
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .chat_template import OPEN_INSTRUCT
 from .checkpoint import Checkpoint
-from .errors import CheckpointError, UsageError
+from .errors import CheckpointError, UsageError, first_line
 from .role import classify
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def generate(
             directory, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{directory}: transformers cannot load it ({_first_line(exc)})") from None
+        raise CheckpointError(f"{directory}: transformers cannot load it ({first_line(exc)})") from None
     model.to(device).eval()
 
     input_ids = prompt_ids(tokenizer, prompt).to(device)
@@ -84,8 +84,3 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
     # A template that writes the BOS token itself must not get a second one from the tokenizer.
     starts_with_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
     return tokenizer(text, return_tensors="pt", add_special_tokens=not starts_with_bos)["input_ids"]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

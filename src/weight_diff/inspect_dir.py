@@ -20,13 +20,11 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import IntegrityError
-from .files import CONFIG_NAME
+from .files import CHAT_TEMPLATE_FILE, CONFIG_NAME
 from .manifest import RECOVERY_NAME, SUMS_NAME, Digest, Manifest, dtype_name, read_sums
-from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size
+from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, format_size
 from .role import classify
 from .verify import check_sums
-
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a template
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,7 @@ class Inspection:
             ("vocab size", str(self.vocab_size) if self.vocab_size is not None else "unknown"),
             (
                 "weights",
-                f"{self.layout}, {self.shards} shard{'s' if self.shards != 1 else ''}, {_size(self.total_bytes)}",
+                f"{self.layout}, {self.shards} shard{'s' if self.shards != 1 else ''}, {format_size(self.total_bytes)}",
             ),
             ("chat template", "yes" if self.chat_template else "none"),
         ]
@@ -154,10 +152,6 @@ def _architecture(architecture: str | None, model_type: str | None) -> str:
     if architecture and model_type:
         return f"{architecture} ({model_type})"
     return architecture or model_type or "unknown (no config.json)"
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**8 else f"{nbytes / 1e6:.2f} MB"
 
 
 def _expected_base(manifest: Manifest) -> str:

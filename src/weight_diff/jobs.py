@@ -212,8 +212,8 @@ def _run(
         small["tokenizer_config.json"] = files.with_chat_template(
             small.get("tokenizer_config.json", b""), chat_template
         )
-        if "chat_template.jinja" in small:  # transformers 5 prefers this file: it must say the same
-            small["chat_template.jinja"] = chat_template.encode()
+        if files.CHAT_TEMPLATE_FILE in small:  # transformers 5 prefers this file: it must say the same
+            small[files.CHAT_TEMPLATE_FILE] = chat_template.encode()
     if len(plan.shards) > 1:
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map}
         small[SAFETENSORS_INDEX] = files.json_bytes(index)

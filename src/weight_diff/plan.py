@@ -203,6 +203,11 @@ _UNITS = {
 }
 
 
+def format_size(nbytes: int) -> str:
+    """Return a byte count for people: ``3.85 GB``, or ``0.54 MB`` below a gigabyte."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.2f} MB"
+
+
 def parse_size(size: str | int) -> int:
     """Return a byte count from ``5GB``, ``500MB``, ``2GiB`` or a plain integer (Hugging Face's spelling)."""
     if isinstance(size, int):
