@@ -14,7 +14,9 @@ What it does, as in 2023:
 
 Differences from the original, none of which changes a number: the number of added rows comes from the
 embedding shapes, not from the raw tokenizer (test directories may lack one); no `fire`, `tqdm`, device option
-or hard-coded integrity sum; transformers 5's `dtype=` is used where 4.x took `torch_dtype=`.
+or hard-coded integrity sum; transformers 5's `dtype=` is used where 4.x took `torch_dtype=`; `make_diff` copies
+the tuned model's tokenizer files as they are (what the 2023 slow tokenizer's `save_pretrained` wrote back),
+since transformers 5 would save them in its own format.
 
 CLI, like the original:
     python scripts/original_weight_diff.py recover --path_raw R --path_diff D --path_tuned T
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,16 @@ def _add_state_dicts(dst: dict[str, torch.Tensor], src: dict[str, torch.Tensor],
             value.add_(src[key])
 
 
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
 @torch.inference_mode()
 def recover(
     path_raw: str | Path,
@@ -151,14 +164,11 @@ def make_diff(
     or `"random"` (open-instruct's published diffs, seeded by `seed`). Weights go through
     `weight_diff.tiny_llama.save_checkpoint`, because transformers 5 no longer writes `.bin`.
     """
-    from transformers import AutoTokenizer
-
     from weight_diff.tiny_llama import save_checkpoint
 
     path_diff = Path(path_diff)
     model_tuned = _load_fp32(path_tuned)
     model_raw = _load_fp32(path_raw)
-    tokenizer_tuned = AutoTokenizer.from_pretrained(str(path_tuned))
     tuned_rows = model_tuned.get_input_embeddings().weight.shape[0]
     _grow_vocab(model_raw, tuned_rows, added_rows=added_rows, seed=seed)
 
@@ -175,7 +185,9 @@ def make_diff(
     config.save_pretrained(str(path_diff))
     if model_tuned.generation_config is not None:
         model_tuned.generation_config.save_pretrained(str(path_diff))
-    tokenizer_tuned.save_pretrained(str(path_diff))
+    for name in TOKENIZER_FILES:
+        if (Path(path_tuned) / name).is_file():
+            shutil.copyfile(Path(path_tuned) / name, path_diff / name)
     return path_diff
 
 

@@ -57,14 +57,14 @@ def apply(model: Path, messages: list[dict], generation_prompt: bool = True) -> 
 def test_open_instruct_single_turn_is_the_model_cards_format(pair, diff, tmp_path):
     out = recover(pair[0], diff, tmp_path / "out", "--chat-template", "open-instruct")
 
-    assert apply(out, HI) == "<|user|>\nHi\n<|assistant|>\n"
+    assert apply(out, HI) == "<s><|user|>\nHi\n<|assistant|>\n"
 
 
 def test_open_instruct_multi_turn_ends_assistant_turns_with_eos_and_a_newline(pair, diff, tmp_path):
     out = recover(pair[0], diff, tmp_path / "out", "--chat-template", "open-instruct")
 
     assert apply(out, CONVERSATION) == (
-        "<|system|>\nYou are terse.\n"
+        "<s><|system|>\nYou are terse.\n"
         "<|user|>\nCapital of France?\n"
         "<|assistant|>\nParis.</s>\n"
         "<|user|>\nAnd of Italy?\n"
@@ -78,7 +78,7 @@ def test_the_template_is_written_into_tokenizer_config_json_and_its_checksum(pai
 
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"] == OPEN_INSTRUCT
-    assert config["eos_token"] == "</s>"  # the diff's other keys are kept
+    assert config["model_max_length"] == 2048  # the diff's other keys are kept
     assert not (out / "chat_template.jinja").exists()  # so transformers read it from tokenizer_config.json
     assert inspect_path(out).sums.status == "verified"  # SHA256SUMS covers the rewritten file
 
@@ -137,7 +137,7 @@ def test_make_diff_embeds_the_template_and_recover_keeps_it_without_the_flag(pai
 
     out = recover(pair[0], diff, tmp_path / "out")
 
-    assert apply(out, HI) == "<|user|>\nHi\n<|assistant|>\n"
+    assert apply(out, HI) == "<s><|user|>\nHi\n<|assistant|>\n"
 
 
 def test_the_flag_replaces_a_template_the_diff_carries_in_tokenizer_config(pair, tmp_path):
@@ -175,4 +175,4 @@ def test_a_diffs_chat_template_jinja_is_kept_without_the_flag(pair, diff_with_ji
 def test_the_flag_wins_over_a_chat_template_jinja_in_the_diff(pair, diff_with_jinja_file, tmp_path):
     out = recover(pair[0], diff_with_jinja_file, tmp_path / "out", "--chat-template", "open-instruct")
 
-    assert apply(out, HI) == "<|user|>\nHi\n<|assistant|>\n"
+    assert apply(out, HI) == "<s><|user|>\nHi\n<|assistant|>\n"

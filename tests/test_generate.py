@@ -12,13 +12,21 @@ from click.testing import CliRunner
 from weight_diff.cli import main
 from weight_diff.manifest import MANIFEST_NAME
 from weight_diff.tiny_llama import make_raw_and_tuned
+from weight_diff.tokenizer import prepare
 
 PROMPT = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
-    return make_raw_and_tuned(tmp_path_factory.mktemp("generate"))
+    """A tiny 2023 pair whose fine-tune also carries the tokenizer files recover writes, as after `recover`.
+
+    Without them transformers 5 would read its `tokenizer.model` its own way, other ids than the recovered model's.
+    """
+    raw, tuned = make_raw_and_tuned(tmp_path_factory.mktemp("generate"))
+    for name, data in prepare(tuned).files.items():
+        (tuned / name).write_bytes(data)
+    return raw, tuned
 
 
 def greedy_reference(model_dir: Path, prompt_text: str, max_new_tokens: int, *, add_bos: bool = True) -> str:

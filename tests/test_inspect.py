@@ -74,7 +74,7 @@ def test_a_recovered_model_is_a_verified_model(dirs):
     assert field(text, "vocab size") == "321"
     size = sum(p.stat().st_size for p in dirs["out"].glob("*.safetensors"))
     assert field(text, "weights") == f"safetensors-sharded, 2 shards, {size / 1e6:.2f} MB"
-    assert field(text, "checksums") == "verified copy: all 8 files match SHA256SUMS"
+    assert field(text, "checksums") == "verified copy: all 11 files match SHA256SUMS"
     assert field(text, "recovered").endswith("; verified against the publisher's manifest (21 tensors)")
     assert "expects base" not in text
 
@@ -87,7 +87,7 @@ def test_a_diff_with_a_manifest_names_the_base_it_expects(dirs):
     assert field(text, "kind") == "diff (has weight-diff-manifest.json)"
     assert field(text, "expects base") == f"a model (hidden 64, vocab 320), float16, {PARAMETERS_RAW:,} parameters"
     assert field(text, "made by").startswith("weight_diff 0.1.0, torch ")
-    assert field(text, "checksums") == "all 6 files match SHA256SUMS"
+    assert field(text, "checksums") == "all 9 files match SHA256SUMS"
     assert "verified copy" not in text
 
 
@@ -131,7 +131,7 @@ def test_json_output_for_scripts(dirs):
         PARAMETERS_TUNED,
         321,
     )
-    assert body["sums"] == {"status": "verified", "files": 6, "problems": []}
+    assert body["sums"] == {"status": "verified", "files": 9, "problems": []}
     assert body["base"].endswith(f"{PARAMETERS_RAW:,} parameters")
 
 

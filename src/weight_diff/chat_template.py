@@ -1,7 +1,9 @@
 """Chat templates a recovered model can carry, so that every tool prompts it the way it was trained.
 
-The Open-Instruct models were trained on ``<|user|>\\n{message}\\n<|assistant|>\\n{reply}</s>\\n``; their published
-files carry no template, so without one transformers pipelines, vLLM and TGI prompt them wrongly.
+The Open-Instruct models were trained on ``<s><|user|>\\n{message}\\n<|assistant|>\\n{reply}</s>\\n``; their published
+files carry no template, so without one transformers pipelines, vLLM and TGI prompt them wrongly. The template
+writes the BOS token itself: ``apply_chat_template(..., tokenize=True)`` adds no special tokens, and a prompt
+without its one BOS is not the training format (llama.cpp drops a leading BOS it would add anyway).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from .errors import UsageError
 
 # Built with Jinja whitespace control so that the rendered text is exactly the card's format.
 OPEN_INSTRUCT = (
+    "{{ bos_token }}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{{ '<|system|>\\n' + message['content'] + '\\n' }}"
     "{%- elif message['role'] == 'user' -%}{{ '<|user|>\\n' + message['content'] + '\\n' }}"

@@ -298,9 +298,10 @@ def _summary(verb: str, report) -> str:
     from .plan import format_size  # imports torch: only once a job has run
 
     resumed = f", {report.resumed_shards} kept from the interrupted run" if report.resumed_shards else ""
+    notes = "".join(f"\ntokenizer: {note}" for note in report.notes)
     return (
         f"{verb} {report.tensors} tensors ({format_size(report.bytes_written)} in {report.shards} shard"
-        f"{'s' if report.shards != 1 else ''}{resumed}) into {report.out_dir} in {report.seconds:.1f} s"
+        f"{'s' if report.shards != 1 else ''}{resumed}) into {report.out_dir} in {report.seconds:.1f} s{notes}"
     )
 
 

@@ -41,3 +41,7 @@ class Interrupted(WeightDiffError):
     """The run was stopped by a signal; what is needed to resume was kept."""
 
     exit_code = 130
+
+
+class TokenizerError(WeightDiffError):
+    """A tokenizer cannot be read or converted, or would not tokenize as the model was trained."""

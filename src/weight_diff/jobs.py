@@ -20,7 +20,7 @@ from pathlib import Path
 import safetensors
 import torch
 
-from . import __version__, files, output
+from . import __version__, files, output, tokenizer
 from .checkpoint import Checkpoint
 from .errors import IntegrityError, UsageError
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, Manifest, TensorRecord, dtype_name, format_sums
@@ -43,6 +43,7 @@ class RunReport:
     resumed_shards: int
     manifest: bool  # recover: the diff had a manifest; make-diff: one was written
     verified: bool  # recover: every tensor matched the manifest
+    notes: tuple[str, ...] = ()  # what was done to the tokenizer files, or found wrong with them
 
 
 def recover(
@@ -67,7 +68,8 @@ def recover(
         plan = plan_pairs(raw.tensors, diff.tensors, other_role="diff", out_dtype=dtype, max_shard_size=max_shard_size)
         if manifest is not None:
             check_manifest_covers(manifest, plan)
-        config = files.config_with_dtype(files.read_config(diff_dir), plan.dtype)
+        tokens = tokenizer.prepare(diff_dir)  # built and checked before the first write
+        config = tokens.config_with_pad(files.config_with_dtype(files.read_config(diff_dir), plan.dtype))
 
         def on_tensor(job: TensorJob, digests: TensorDigests) -> None:
             if manifest is not None:
@@ -83,6 +85,7 @@ def recover(
             on_tensor=on_tensor,
             config=config,
             companions=files.companion_files(diff_dir),
+            tokens=tokens,
             extra_files={RECOVERY_NAME: lambda: _recovery_record(diff_dir, manifest, plan)},
             chat_template=chat_template,
             overwrite=overwrite,
@@ -126,7 +129,8 @@ def make_diff(
             )
             return manifest.to_json().encode()
 
-        config = files.config_with_dtype(files.read_config(tuned_dir), torch.float32)
+        tokens = tokenizer.prepare(tuned_dir)
+        config = tokens.config_with_pad(files.config_with_dtype(files.read_config(tuned_dir), torch.float32))
         return _run(
             "make-diff",
             plan,
@@ -137,6 +141,7 @@ def make_diff(
             on_tensor=on_tensor,
             config=config,
             companions=files.companion_files(tuned_dir),
+            tokens=tokens,
             extra_files={MANIFEST_NAME: manifest_bytes},
             chat_template=chat_template,
             overwrite=overwrite,
@@ -159,6 +164,7 @@ def _run(
     on_tensor: Callable[[TensorJob, TensorDigests], None],
     config: dict,
     companions: list[Path],
+    tokens: tokenizer.OutputTokenizer,
     extra_files: dict[str, Callable[[], bytes]],
     chat_template: str | None,
     overwrite: bool,
@@ -208,6 +214,7 @@ def _run(
     small: dict[str, bytes] = {}
     for path in companions:
         small[path.name] = path.read_bytes()
+    small.update(tokens.files)
     if chat_template is not None:
         small["tokenizer_config.json"] = files.with_chat_template(
             small.get("tokenizer_config.json", b""), chat_template
@@ -237,6 +244,7 @@ def _run(
         resumed_shards=len(done),
         manifest=has_manifest,
         verified=has_manifest and mode == "recover",
+        notes=tokens.notes,
     )
 
 

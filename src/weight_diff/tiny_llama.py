@@ -1,7 +1,8 @@
 """Tiny random LLaMA checkpoints, built offline in well under a second.
 
 No real model can be downloaded where the tests, the demo and the benchmark run, so they all work on tiny
-LLaMA-shaped models made here: a real LLaMA-style tokenizer trained in-process, a random `LlamaForCausalLM`,
+LLaMA-shaped models made here: a real sentencepiece tokenizer trained in-process with LLaMA's settings and saved
+in the 2023 files (or a `tokenizers` one with a `tokenizer.json`), a random `LlamaForCausalLM`,
 and a "fine-tune" of it that adds a `<pad>` token the way the 2023 Alpaca / open-instruct recipes did.
 
 Weights are written by hand in the Hugging Face layouts (safetensors or zip-format `torch.save` `.bin`,
@@ -15,8 +16,11 @@ costs seconds, and the rest of the package must stay quick to import.
 from __future__ import annotations
 
 import copy
+import functools
+import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +31,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CORPUS",
+    "SentencePieceTokenizer",
     "build_tokenizer",
     "make_raw_and_tuned",
     "save_checkpoint",
     "save_model_dir",
     "tiny_config",
+    "train_sentencepiece",
 ]
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -133,6 +139,83 @@ def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerBase:
         clean_up_tokenization_spaces=False,
         model_max_length=2048,
     )
+
+
+@functools.lru_cache(maxsize=4)
+def train_sentencepiece(vocab_size: int = 320) -> bytes:
+    """Return a sentencepiece ``tokenizer.model`` trained on `CORPUS` with LLaMA's settings, `vocab_size` pieces.
+
+    LLaMA's trainer spec: BPE, byte fallback, digits split, identity normalization, a dummy prefix, extra
+    whitespace kept, `<unk>`/`<s>`/`</s>` = 0/1/2 and no pad piece. The character coverage is lowered so that
+    the rarer characters of a small corpus go to byte fallback and leave room for merges. Cached: a few ms once.
+    """
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines()),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=0.99,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        max_sentencepiece_length=16,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def _added_token_2023(content: str) -> dict:
+    """A special token as transformers 4.28-4.30 saved a slow `LlamaTokenizer`'s."""
+    return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
+
+@dataclass(frozen=True)
+class SentencePieceTokenizer:
+    """The tokenizer files of a 2023 LLaMA checkpoint: `tokenizer.model` and the slow `LlamaTokenizer`'s json.
+
+    With `pad`, the fine-tune's: `<pad>` added after the sentencepiece vocabulary (`added_tokens.json`), named
+    in `special_tokens_map.json` while `tokenizer_config.json` says `"pad_token": null`, as in the published
+    open-instruct, Alpaca and Tulu v1 diffs. No `tokenizer.json`, as in them.
+    """
+
+    vocab_size: int = 320
+    pad: bool = False
+    model_max_length: int = 2048
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the files into `directory` (the name of transformers' method, so either kind can be saved)."""
+        directory = Path(directory)
+        (directory / "tokenizer.model").write_bytes(train_sentencepiece(self.vocab_size))
+        config = {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": {"__type": "AddedToken", **_added_token_2023(BOS)},
+            "clean_up_tokenization_spaces": False,
+            "eos_token": {"__type": "AddedToken", **_added_token_2023(EOS)},
+            "model_max_length": self.model_max_length,
+            "pad_token": None,
+            "sp_model_kwargs": {},
+            "tokenizer_class": "LlamaTokenizer",
+            "unk_token": {"__type": "AddedToken", **_added_token_2023(UNK)},
+        }
+        special = {"bos_token": _added_token_2023(BOS), "eos_token": _added_token_2023(EOS)}
+        if self.pad:
+            special["pad_token"] = PAD
+            (directory / "added_tokens.json").write_text(json.dumps({PAD: self.vocab_size}) + "\n")
+        special["unk_token"] = _added_token_2023(UNK)
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
 def tiny_config(*, vocab_size: int = 320, **overrides: Any) -> LlamaConfig:
@@ -270,7 +353,7 @@ def save_model_dir(
     *,
     state_dict: dict[str, torch.Tensor],
     config: LlamaConfig,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: PreTrainedTokenizerBase | SentencePieceTokenizer,
     fmt: str = "safetensors",
     shards: int = 1,
     dtype: torch.dtype | None = None,
@@ -364,6 +447,7 @@ def make_raw_and_tuned(
     add_pad: bool = True,
     inv_freq: bool = False,
     config_overrides: dict[str, Any] | None = None,
+    tokenizer: str = "sentencepiece",
 ) -> tuple[Path, Path]:
     """Build `workdir/raw` (a random tiny LLaMA) and `workdir/tuned` (a "fine-tune" of it); return both paths.
 
@@ -371,19 +455,26 @@ def make_raw_and_tuned(
     gains a `<pad>` token whose `embed_tokens` and `lm_head` rows are the float32 mean of the existing rows
     (Alpaca's `smart_tokenizer_and_embedding_resize`); then every weight gets a small seeded perturbation.
     `inv_freq` adds the 2023 rotary buffers to the raw checkpoint only, where real raw LLaMA `.bin` files hold
-    them.
+    them. `tokenizer="sentencepiece"` gives both the 2023 files (`SentencePieceTokenizer`: `tokenizer.model`, the
+    fine-tune's pad named in `special_tokens_map.json` only, `pad_token_id` 0 in its config as in the published
+    diffs); `tokenizer="json"` gives `build_tokenizer`'s `tokenizer.json` instead.
     """
+    if tokenizer not in ("sentencepiece", "json"):
+        raise ValueError(f"tokenizer must be 'sentencepiece' or 'json', got {tokenizer!r}")
     workdir = Path(workdir)
     overrides = dict(config_overrides or {})
     config = tiny_config(**overrides)
-    tokenizer = build_tokenizer(config.vocab_size)
+    if tokenizer == "json":
+        raw_tokenizer: Any = build_tokenizer(config.vocab_size)
+    else:
+        raw_tokenizer = SentencePieceTokenizer(config.vocab_size)
 
     raw = _random_llama_weights(config, seed=seed, dtype=raw_dtype)
     raw_dir = save_model_dir(
         workdir / "raw",
         state_dict=raw,
         config=config,
-        tokenizer=tokenizer,
+        tokenizer=raw_tokenizer,
         fmt=raw_fmt,
         shards=raw_shards,
         dtype=raw_dtype,
@@ -392,15 +483,19 @@ def make_raw_and_tuned(
 
     tuned = {n: t.to(torch.float32, copy=True) for n, t in raw.items()}  # never aliases raw
     tuned_config = copy.deepcopy(config)
-    tuned_tokenizer = copy.deepcopy(tokenizer)
+    tuned_tokenizer = copy.deepcopy(raw_tokenizer)
     if add_pad:
-        tuned_tokenizer.add_special_tokens({"pad_token": PAD})
-        n_new = len(tuned_tokenizer) - config.vocab_size
+        n_new = 1
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
             old = tuned[name]
             tuned[name] = torch.cat([old, old.mean(dim=0, keepdim=True).expand(n_new, -1)], dim=0)
-        tuned_config.vocab_size = len(tuned_tokenizer)
-        tuned_config.pad_token_id = tuned_tokenizer.pad_token_id
+        tuned_config.vocab_size = config.vocab_size + n_new
+        if tokenizer == "json":
+            tuned_tokenizer.add_special_tokens({"pad_token": PAD})
+            tuned_config.pad_token_id = tuned_tokenizer.pad_token_id
+        else:
+            tuned_tokenizer = SentencePieceTokenizer(config.vocab_size, pad=True)
+            tuned_config.pad_token_id = UNK_ID  # what the 2023 diffs' config.json says (LLaMA's, never updated)
     generator = torch.Generator().manual_seed(seed + 1_000_003)
     tuned = {n: _perturb_(t, generator) for n, t in tuned.items()}
     tuned_dir = save_model_dir(
