@@ -24,6 +24,7 @@ from .files import CHAT_TEMPLATE_FILE, CONFIG_NAME
 from .manifest import RECOVERY_NAME, SUMS_NAME, Digest, Manifest, dtype_name, read_sums
 from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, format_size
 from .role import classify
+from .tokenizer import describe as describe_tokenizer
 from .verify import check_sums
 
 
@@ -69,6 +70,7 @@ class Inspection:
     made_by: dict | None  # the manifest's tool versions
     sums: Sums
     recovery: dict | None = None  # weight-diff-recovery.json of a model that recover wrote
+    tokenizer: str = "none"  # which tokenizer files, whether they agree
 
     def lines(self) -> list[str]:
         """Return the inspection as text for a person, one fact a line."""
@@ -85,6 +87,7 @@ class Inspection:
                 f"{self.layout}, {self.shards} shard{'s' if self.shards != 1 else ''}, {format_size(self.total_bytes)}",
             ),
             ("chat template", "yes" if self.chat_template else "none"),
+            ("tokenizer", self.tokenizer),
         ]
         if self.kind == "diff":
             rows.append(("expects base", self.base or "not recorded (no manifest)"))
@@ -131,6 +134,7 @@ def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspect
             base=_expected_base(manifest) if manifest is not None else None,
             made_by=manifest.tool if manifest is not None else None,
             recovery=_read_json(directory / RECOVERY_NAME) or None,
+            tokenizer=describe_tokenizer(directory),
             sums=_check_sums(directory, checkpoint.files, hash_files=check_sums),
         )
 

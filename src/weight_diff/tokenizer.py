@@ -401,7 +401,8 @@ def prepare(directory: str | Path) -> OutputTokenizer:
     slow = SlowFiles.read(directory)
     if json_path.is_file():
         agreement = compare(directory, model=model)
-        return OutputTokenizer(notes=() if agreement.agrees else (agreement.describe(),))
+        kept = f"{agreement.describe()}; {TOKENIZER_JSON} kept as it is, since transformers loads that one"
+        return OutputTokenizer(notes=() if agreement.agrees else (kept,))
     rules = Rules2023.of(model, slow)
     body = build_tokenizer_json(model, rules)
     check(body, model, rules, where=f"{json_path} (built from {model_path.name})")
@@ -449,10 +450,7 @@ class Agreement:
     def describe(self) -> str:
         if self.agrees:
             return f"{TOKENIZER_JSON} and {TOKENIZER_MODEL} agree on {self.probes} plain-text probes"
-        return (
-            f"{TOKENIZER_JSON} and {TOKENIZER_MODEL} disagree on probe {self.first_difference!r}; "
-            f"{TOKENIZER_JSON} was kept, as transformers loads it"
-        )
+        return f"{TOKENIZER_JSON} and {TOKENIZER_MODEL} disagree on probe {self.first_difference!r}"
 
 
 def compare(directory: Path, *, model: SentencePieceModel | None = None) -> Agreement:
@@ -474,9 +472,9 @@ def describe(directory: str | Path) -> str:
     pad = _pad_text(directory)
     if has_model and has_json:
         try:
-            text = compare(directory).describe().replace(f"; {TOKENIZER_JSON} was kept, as transformers loads it", "")
+            text = compare(directory).describe()
         except TokenizerError as error:
-            text = f"{TOKENIZER_JSON} and {TOKENIZER_MODEL}; not compared ({error})"
+            text = f"{TOKENIZER_JSON} and {TOKENIZER_MODEL}, not compared ({error})"
         return text + pad
     if has_model:
         return (
@@ -489,10 +487,16 @@ def describe(directory: str | Path) -> str:
 
 
 def _pad_text(directory: Path) -> str:
-    config = _read_json(directory / TOKENIZER_CONFIG)
-    pad = config.get("pad_token")
-    pad = pad.get("content") if isinstance(pad, dict) else pad
-    return f"; pad token {pad}" if pad else f"; no pad token in {TOKENIZER_CONFIG}"
+    try:
+        pad = _content(_read_json(directory / TOKENIZER_CONFIG).get("pad_token"))
+        mapped = _content(_read_json(directory / SPECIAL_TOKENS_MAP).get("pad_token"))
+    except TokenizerError as error:
+        return f"; {error}"
+    if pad:
+        return f"; pad token {pad}"
+    if mapped:
+        return f"; pad token {mapped} in {SPECIAL_TOKENS_MAP} only (llama.cpp's converter sees none)"
+    return "; no pad token"
 
 
 def fast_tokenizer_config(config: dict, rules: Rules2023) -> dict:
@@ -528,8 +532,8 @@ def _special_contents(rules: Rules2023) -> dict[str, str]:
     return {key: content for key, content in found.items() if content is not None}
 
 
-def _content(value: Any) -> str:
-    return value["content"] if isinstance(value, dict) else value
+def _content(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
 
 
 def _without_special(token: dict) -> dict:
