@@ -33,7 +33,8 @@ def _demo(workdir: Path) -> Iterator[str]:
     raw_dir, tuned_dir = make_raw_and_tuned(workdir, raw_fmt="bin", raw_dtype=torch.float16, inv_freq=True)
     yield (
         f"built a tiny random LLaMA base ({raw_dir}: float16 .bin, vocab 320) and a fine-tune of it "
-        f"({tuned_dir}: float32, one added <pad> token, vocab 321) in {time.monotonic() - started:.1f} s"
+        f"({tuned_dir}: float32, one added <pad> token, vocab 321; 2023 sentencepiece tokenizer files) in "
+        f"{time.monotonic() - started:.1f} s"
     )
     diff_dir, out_dir = workdir / "diff", workdir / "recovered"
     made = make_diff(raw_dir, tuned_dir, diff_dir)
@@ -44,6 +45,7 @@ def _demo(workdir: Path) -> Iterator[str]:
     recovered = recover(raw_dir, diff_dir, out_dir)
     verdict = "verified against the manifest" if recovered.verified else "NOT verified"
     yield f"recover: {recovered.tensors} tensors into {out_dir}, {verdict}, {recovered.seconds:.2f} s"
+    yield from (f"tokenizer: {note}" for note in made.notes + recovered.notes)
 
     check = compare_models(out_dir, tuned_dir, tol=1e-6)
     worst = check.max_abs_diff or 0.0
