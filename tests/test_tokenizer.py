@@ -357,3 +357,14 @@ def test_inspect_says_which_tokenizer_files_there_are_and_whether_they_agree(leg
     )
     result = CliRunner().invoke(main, ["inspect", str(recovered)])
     assert f"tokenizer:     tokenizer.json and tokenizer.model agree on {plain}" in result.output
+
+
+def test_generate_reads_a_2023_directory_with_the_2023_ids_writing_nothing(pair):
+    before = sorted(path.name for path in pair[1].iterdir())
+
+    loaded = tokenizer.load(pair[1])
+
+    for probe in PROBES:
+        assert loaded(probe)["input_ids"] == slow_2023_ids(pair[1], probe), probe
+    assert (loaded.pad_token, loaded.pad_token_id) == ("<pad>", PAD_ID)
+    assert sorted(path.name for path in pair[1].iterdir()) == before

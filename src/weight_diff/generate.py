@@ -17,6 +17,7 @@ from .chat_template import OPEN_INSTRUCT
 from .checkpoint import Checkpoint
 from .errors import CheckpointError, UsageError, first_line
 from .role import classify
+from .tokenizer import load as load_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -48,12 +49,12 @@ def generate(
         raise UsageError(f"{directory}: a weight diff, not a model ({evidence}); recover the model first")
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)  # a 2023 directory's tokenizer.model: as the model was trained
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
         )

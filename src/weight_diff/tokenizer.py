@@ -26,10 +26,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import TokenizerError
 from .files import json_bytes
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 TOKENIZER_MODEL = "tokenizer.model"
 TOKENIZER_JSON = "tokenizer.json"
@@ -417,6 +420,38 @@ def prepare(directory: str | Path) -> OutputTokenizer:
         files[GENERATION_CONFIG] = json_bytes({**generation, "pad_token_id": pad_id})
     notes = (f"{TOKENIZER_JSON} built from {TOKENIZER_MODEL}: ids as the 2023 tokenizer on {len(PROBES)} probes",)
     return OutputTokenizer(files=files, pad_token_id=pad_id, notes=notes)
+
+
+def load(directory: str | Path) -> PreTrainedTokenizerBase:
+    """Return the directory's tokenizer in transformers; for one with only the 2023 files, the one recover writes.
+
+    A model recovered by the 2023 scripts has no ``tokenizer.json``, and transformers would read its
+    ``tokenizer.model`` with other ids: the converted tokenizer is built in memory instead (nothing is written).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    prepared = prepare(directory)
+    if TOKENIZER_JSON not in prepared.files:
+        return AutoTokenizer.from_pretrained(directory)
+    from tokenizers import AddedToken as FastAddedToken
+    from tokenizers import Tokenizer
+
+    config = json.loads(prepared.files[TOKENIZER_CONFIG])
+    specials = {
+        key: FastAddedToken(
+            value["content"], lstrip=value["lstrip"], rstrip=value["rstrip"], normalized=False, special=True
+        )  # fmt: skip
+        for key, value in config.items()
+        if key in SPECIAL_KEYS and isinstance(value, dict)
+    }
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(prepared.files[TOKENIZER_JSON].decode()),
+        chat_template=config.get("chat_template"),
+        model_max_length=config.get("model_max_length", 2048),
+        clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False),
+        **specials,
+    )
 
 
 def check(body: dict, model: SentencePieceModel, rules: Rules2023, *, where: str) -> None:
