@@ -1,4 +1,4 @@
-"""The per-block math of recover (raw + diff) and make-diff (tuned - raw), always in float32.
+"""The per-block math of recover (raw + diff, in the family's dtype) and make-diff (tuned - raw, in float32).
 
 Added vocabulary rows (LLaMA's ``<pad>``) have no raw counterpart; like the 2023 open-instruct and Alpaca scripts,
 they start from the mean of the raw rows. The mean is accumulated in float64 over row blocks and rounded once to
@@ -6,6 +6,8 @@ float32, so it does not depend on how the rows were blocked.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -38,14 +40,49 @@ class RowMean:
         return (self._sum / self._count).to(torch.float32).unsqueeze(0)
 
 
-def recover_rows(raw: torch.Tensor, diff: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Return ``raw + diff`` in float32, computed into ``out`` (a reused buffer of the block's shape).
+def recover_rows(
+    raw: torch.Tensor | None, diff: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Return ``raw + diff`` in ``out``'s dtype (the family's arithmetic), computed into ``out``.
 
-    For added vocabulary rows, ``raw`` is the mean raw row expanded to the block.
+    Both sides are first cast to that dtype, as the publishers' scripts loaded both models with
+    ``from_pretrained(torch_dtype=...)``, then added: in float16 that is one rounding of the exact sum, exactly
+    what ``param.data += delta`` gave. ``raw`` is None where the diff holds the result itself; for added
+    vocabulary rows it is the fill row (mean or zero) expanded to the block. ``scratch``: a reused buffer like
+    ``out`` for the cast diff.
     """
+    if raw is None:
+        out.copy_(diff)
+        return out
     out.copy_(raw)
+    if diff.dtype != out.dtype and out.dtype != torch.float32:  # float32 add_ widens exactly by itself
+        diff = scratch.copy_(diff) if scratch is not None else diff.to(out.dtype)
     out.add_(diff)
     return out
+
+
+def torch_row_mean(
+    read_rows: Callable[[int, int], torch.Tensor], *, rows: int, width: int, budget: int
+) -> torch.Tensor:
+    """Return ``rows.float().mean(dim=0, keepdim=True)`` exactly as torch computes it on the whole tensor.
+
+    Alpaca's and open-instruct's scripts filled added rows with torch's float32 mean, whose rounding depends on
+    torch's summation order (it differs from the exact mean in most columns at LLaMA's size). Torch reduces each
+    column on its own, so the mean of a band of columns (a multiple of 64 wide) equals those columns of the
+    whole mean: bands of at most ``budget`` elements are filled from row blocks and reduced, in flat memory.
+    """
+    band = max(64, budget // max(rows, 1) // 64 * 64)
+    step = max(1, budget // max(width, 1))
+    mean = torch.empty((1, width), dtype=torch.float32)
+    strip = torch.empty(rows * min(band, width), dtype=torch.float32)
+    for low in range(0, width, band):
+        high = min(low + band, width)
+        columns = strip[: rows * (high - low)].view(rows, high - low)
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            columns[start:stop].copy_(read_rows(start, stop).reshape(stop - start, width)[:, low:high])
+        mean[:, low:high] = columns.mean(dim=0, keepdim=True)
+    return mean
 
 
 def diff_rows(raw: torch.Tensor, tuned: torch.Tensor, diff_out: torch.Tensor, result_out: torch.Tensor) -> None:

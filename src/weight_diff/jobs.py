@@ -14,13 +14,13 @@ import hashlib
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import safetensors
 import torch
 
-from . import __version__, files, output, tokenizer
+from . import __version__, families, files, output, tokenizer
 from .checkpoint import Checkpoint
 from .errors import IntegrityError, UsageError
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, Manifest, TensorRecord, dtype_name, format_sums
@@ -44,6 +44,9 @@ class RunReport:
     manifest: bool  # recover: the diff had a manifest; make-diff: one was written
     verified: bool  # recover: every tensor matched the manifest
     notes: tuple[str, ...] = ()  # what was done to the tokenizer files, or found wrong with them
+    family: str | None = None  # recover: the diff family whose rule was applied
+    family_reason: str | None = None  # why that family
+    checks: tuple[str, ...] = ()  # the family's own checks, as passed
 
 
 def recover(
@@ -58,35 +61,58 @@ def recover(
     chat_template: str | None = None,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    family: str | None = None,
 ) -> RunReport:
-    """Return the report of writing raw + diff to ``path_tuned`` in Hugging Face format, checked when possible."""
+    """Return the report of writing raw + diff to ``path_tuned`` in Hugging Face format, checked when possible.
+
+    ``family`` names the diff family whose publisher's rule to apply (see ``families``); by default it is
+    detected from the diff, and an ambiguous diff is refused with the candidates.
+    """
     raw_dir, diff_dir, out = Path(path_raw), Path(path_diff), Path(path_tuned)
     output.check_location(out, [raw_dir, diff_dir], overwrite=overwrite, resume=resume)
     manifest = Manifest.load(diff_dir)
     with Checkpoint.open(raw_dir) as raw, Checkpoint.open(diff_dir) as diff:
         _check_roles(raw, diff, manifest)
-        plan = plan_pairs(raw.tensors, diff.tensors, other_role="diff", out_dtype=dtype, max_shard_size=max_shard_size)
+        if family is not None:
+            rule, reason = families.family_named(family), "chosen with --family"
+        else:
+            rule, reason = families.detect(families.evidence_of(diff, raw))
+        if manifest is None or rule.name != "weight-diff":
+            manifest = None
+        plan = plan_pairs(
+            raw.tensors, diff.tensors, other_role="diff", out_dtype=dtype, max_shard_size=max_shard_size, family=rule
+        )
         if manifest is not None:
             check_manifest_covers(manifest, plan)
         tokens = tokenizer.prepare(diff_dir)  # built and checked before the first write
         config = tokens.config_with_pad(files.config_with_dtype(files.read_config(diff_dir), plan.dtype))
+        expected = families.expected_sum(rule, diff_dir)
+        sums: dict[str, float] = {}
+        checks: list[str] = []
 
         def on_tensor(job: TensorJob, digests: TensorDigests) -> None:
             if manifest is not None:
                 check_tensor(manifest.tensors[job.name], job, digests)
+            if digests.sum is not None:
+                sums[job.name] = digests.sum
 
-        return _run(
+        def recovery_record() -> bytes:
+            if expected is not None:
+                checks.append(_check_family_sum(rule, expected, sums, plan, raw, config))
+            return _recovery_record(diff_dir, manifest, plan, rule, checks)
+
+        report = _run(
             "recover",
             plan,
             raw,
             diff,
             out,
-            hashing=Hashing(raw=manifest is not None, result=manifest is not None),
+            hashing=Hashing(raw=manifest is not None, result=manifest is not None, sums=expected is not None),
             on_tensor=on_tensor,
             config=config,
             companions=files.companion_files(diff_dir),
             tokens=tokens,
-            extra_files={RECOVERY_NAME: lambda: _recovery_record(diff_dir, manifest, plan)},
+            extra_files={RECOVERY_NAME: recovery_record},
             chat_template=chat_template,
             overwrite=overwrite,
             resume=resume,
@@ -94,6 +120,34 @@ def recover(
             on_plan=on_plan,
             has_manifest=manifest is not None,
         )
+        return replace(report, family=rule.name, family_reason=reason, checks=tuple(checks))
+
+
+def _check_family_sum(
+    rule: families.Family, expected: float, sums: dict[str, float], plan: Plan, raw: Checkpoint, config: dict
+) -> str:
+    """Return what passed of the family's integrity sum, computed as its script did; raise when it fails.
+
+    The 2023 scripts summed the state dict of transformers < 4.32, which held each layer's rotary ``inv_freq``
+    buffer: those are added from the config, in the raw model's dtype as the 2023 conversions stored them.
+    """
+    what = "Alpaca's hard-coded sum" if rule.sum_check.source == "alpaca" else f"{families.MODEL_SUM_FILE}"
+    missing = [job.name for job in plan.jobs if job.name not in sums]
+    if missing:
+        return f"{what} not checked: {len(missing)} tensors were kept from an interrupted run (--resume)"
+    raw_dtype = next(iter(raw.tensors.values())).dtype
+    inv_freq = families.inv_freq_sums(config, raw_dtype)
+    got = families.publisher_sum(sums, inv_freq)
+    tolerance = rule.sum_check.atol + rule.sum_check.rtol * abs(expected)
+    inv_note = f"{len(inv_freq)} rotary inv_freq buffers included, as transformers < 4.32 summed them"
+    if not families.sum_passes(rule.sum_check, expected, got):
+        hint = " If this diff is WizardLM's (Alpaca's script), use --family wizardlm." if rule.name == "alpaca" else ""
+        raise IntegrityError(
+            f"{rule.title}'s integrity check failed: {what} is {expected:.4f} (within {tolerance:.2g}), the result "
+            f"sums to {got:.4f} ({inv_note}). The raw model is not the publisher's base, or the diff is damaged; "
+            f"no model was written.{hint}"
+        )
+    return f"{what} passed: {got:.4f} against {expected:.4f} (within {tolerance:.2g}; {inv_note})"
 
 
 def make_diff(
@@ -318,7 +372,9 @@ def _rules(plan: Plan) -> dict:
     }
 
 
-def _recovery_record(diff_dir: Path, manifest: Manifest | None, plan: Plan) -> bytes:
+def _recovery_record(
+    diff_dir: Path, manifest: Manifest | None, plan: Plan, family: families.Family, checks: list[str]
+) -> bytes:
     """Return ``weight-diff-recovery.json``: how this model was made, so ``inspect`` can say it later.
 
     It is written only when the run finished, so ``verified`` means every tensor matched the manifest.
@@ -330,6 +386,8 @@ def _recovery_record(diff_dir: Path, manifest: Manifest | None, plan: Plan) -> b
         "diff": str(diff_dir.resolve()),
         "diff_manifest_sha256": _sha256(manifest_path.read_bytes()) if manifest is not None else None,
         "verified": manifest is not None,
+        "family": family.name,
+        "family_checks": checks,
         "tensors": len(plan.jobs),
         "dtype": dtype_name(plan.dtype),
         "tool": _tool_versions(),

@@ -31,6 +31,7 @@ from .plan import Plan, ShardPlan, TensorJob
 from .writer import ShardWriter
 
 BLOCK_ELEMENTS = 8 * 2**20  # 32 MiB of float32 per block: large enough for fast I/O, small enough to stay flat
+BAND_ELEMENTS = 4 * BLOCK_ELEMENTS  # column band for torch's float32 row mean (Alpaca-style added rows)
 RING_DEPTH = 4
 LANES = ("read", "raw", "result", "write", "file", "sync")
 
@@ -42,6 +43,7 @@ class Hashing:
     raw: bool = False
     diff: bool = False
     result: bool = False
+    sums: bool = False  # each result tensor's sum, for a family's integrity sum
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class TensorDigests:
     raw: Digest | None
     diff: Digest | None
     result: Digest | None
+    sum: float | None = None  # of the result (float64 over blocks), for a family's integrity sum
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def _blocks(shard: ShardPlan, budget: int) -> Iterator[_Block]:
     for job in shard.jobs:
         rows_per_block = max(1, budget // job.other.row_numel)
         spans = []
-        for low, high, added in ((0, job.raw.rows, False), (job.raw.rows, job.other.rows, True)):
+        for low, high, added in ((0, job.raw_rows, False), (job.raw_rows, job.other.rows, True)):
             spans += [(start, min(start + rows_per_block, high), added) for start in range(low, high, rows_per_block)]
         for index, (start, stop, added) in enumerate(spans):
             yield _Block(job, start, stop, added, last=index == len(spans) - 1)
@@ -121,6 +124,8 @@ class _TensorHashes:
     diff: hashlib._Hash | None
     result: hashlib._Hash | None
     mean: arithmetic.RowMean | None
+    fixed_mean: torch.Tensor | None = None  # torch's float32 mean of raw's rows, computed before the tensor
+    total: float | None = None  # the result's running sum (float64), when the run sums
     futures: dict[str, Future] = field(default_factory=dict)
 
     def ready(self) -> bool:
@@ -131,10 +136,12 @@ class _TensorHashes:
             future = self.futures.get(part)
             return Digest(dtype_name(dtype), list(shape), future.result()) if future else None
 
+        raw = self.job.raw
         return TensorDigests(
-            raw=digest("raw", self.job.raw.dtype, self.job.raw.shape),
+            raw=digest("raw", raw.dtype, raw.shape) if raw is not None else None,
             diff=digest("diff", torch.float32, self.job.out_shape),
             result=digest("result", torch.float32, self.job.out_shape),
+            sum=self.total,
         )
 
 
@@ -175,6 +182,7 @@ class Pipeline:
         self._lanes = {name: ThreadPoolExecutor(1, thread_name_prefix=f"weight-diff-{name}") for name in LANES}
         self._finishing: _Finishing | None = None
         self._writer: ShardWriter | None = None
+        self._mean_read: torch.Tensor | None = None
 
     def run(self, skip: frozenset[str] = frozenset()) -> None:
         """Write every shard not in ``skip``; on any failure unfinished shards are removed."""
@@ -273,9 +281,22 @@ class Pipeline:
             raw=hashlib.sha256() if self.hashing.raw else None,
             diff=hashlib.sha256() if self.hashing.diff else None,
             result=hashlib.sha256() if self.hashing.result else None,
-            mean=arithmetic.RowMean(job.raw.shape[1:]) if job.added_rows else None,
+            mean=arithmetic.RowMean(job.raw.shape[1:]) if job.added_rows and job.fill == "mean" else None,
+            total=0.0 if self.hashing.sums else None,
         )
+        if job.added_rows and job.fill == "torch-mean":
+            hashes.fixed_mean = arithmetic.torch_row_mean(
+                lambda start, stop: self.raw.read_rows(job.raw, start, stop, out=self._mean_buffer()),
+                rows=job.raw.rows,
+                width=job.raw.row_numel,
+                budget=BAND_ELEMENTS,
+            )
         return hashes
+
+    def _mean_buffer(self) -> torch.Tensor:
+        if self._mean_read is None:
+            self._mean_read = aligned_bytes(self._budget * 8 + 2 * DIRECT_ALIGN)
+        return self._mean_read
 
     def _close_hashes(self, hashes: _TensorHashes) -> None:
         for part, lane in (("raw", "raw"), ("diff", "result"), ("result", "result")):
@@ -302,18 +323,28 @@ class Pipeline:
             if hashes.mean is not None:
                 hashes.mean.add(raw)
             base = raw
+        elif job.absolute or job.fill == "stored":
+            base = None
+        elif job.fill == "zero":
+            base = torch.zeros((), dtype=job.arithmetic).expand(shape)
         else:
-            base = hashes.mean.value().view((1, *shape[1:])).expand(shape)
+            mean = hashes.fixed_mean if hashes.fixed_mean is not None else hashes.mean.value()
+            base = mean.view((1, *shape[1:])).expand(shape)
         if self.mode == "recover":
-            written = arithmetic.recover_rows(base, other, result)
+            if job.arithmetic != torch.float32:  # float16 families: both sides cast, then added, in float16
+                result = _as(buffers.result, job.arithmetic, count, shape)
+                work = _as(buffers.work, job.arithmetic, count, shape)
+            written = arithmetic.recover_rows(base, other, result, work)
             if hashes.result is not None:
                 buffers.pending.append(self._submit("result", hashes.result.update, tensor_bytes(result)))
+            if hashes.total is not None:
+                hashes.total += written.sum(dtype=torch.float64).item()
         else:
             arithmetic.diff_rows(base, other, work, result)
             written = work
             if hashes.diff is not None or hashes.result is not None:
                 buffers.pending.append(self._submit("result", _update_both, hashes, work, result))
-        if job.out_dtype != torch.float32:
+        if job.out_dtype != written.dtype:
             cast = buffers.cast[: count * job.out_dtype.itemsize].view(job.out_dtype).view(shape)
             cast.copy_(written)
             written = cast
@@ -321,6 +352,11 @@ class Pipeline:
         buffers.pending.append(self._submit("file", file_hash.update, data))
         buffers.pending.append(self._submit("write", writer.write, data))
         buffers.pending.append(self._submit("write", self.progress, len(data)))
+
+
+def _as(buffer: torch.Tensor, dtype: torch.dtype, count: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Return the first ``count`` elements of a reused float32 buffer, viewed as ``dtype`` in ``shape``."""
+    return buffer.view(torch.uint8)[: count * dtype.itemsize].view(dtype).view(shape)
 
 
 def _update_both(hashes: _TensorHashes, diff: torch.Tensor, result: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ and shards. Pure: tensor tables in, a ``Plan`` out, so every refusal can be test
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 
 from .checkpoint import FLOAT_DTYPES, TensorInfo
 from .errors import PlanError, UsageError
+from .families import Family
 
 # The only tensors whose first dimension may grow: tokens added to the vocabulary (LLaMA's <pad>).
 VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
@@ -29,10 +31,18 @@ class TensorJob:
     """One output tensor: the raw tensor it builds on, the other input (diff or tuned), and what to write."""
 
     name: str
-    raw: TensorInfo
+    raw: TensorInfo | None  # None: a diff tensor kept as stored (no raw counterpart)
     other: TensorInfo
     out_dtype: torch.dtype
-    added_rows: int  # rows the other side has beyond raw's, filled from the mean of raw's rows
+    added_rows: int  # rows the other side has beyond raw's, filled as ``fill`` says
+    arithmetic: torch.dtype = torch.float32  # both sides are cast to this before adding
+    fill: str = "mean"  # added rows' raw side: "mean", "torch-mean", "zero", or "stored" (diff rows as they are)
+    absolute: bool = False  # the diff holds the result itself: copied, never added
+
+    @property
+    def raw_rows(self) -> int:
+        """Rows that are raw + diff; the rest come from ``fill`` (all of them when the tensor is absolute)."""
+        return 0 if self.absolute or self.raw is None else self.raw.rows
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -89,32 +99,61 @@ def plan_pairs(
     other_role: str,
     out_dtype: str,
     max_shard_size: str | int,
+    family: Family | None = None,
 ) -> Plan:
     """Return the plan pairing every tensor of ``other`` (a diff or a tuned model) with its raw tensor.
 
-    Refuses, naming the tensors, when either side has tensors the other lacks, when shapes differ other than by
-    added vocabulary rows, or when a tensor is not floating point.
+    ``family`` (recover only) says how its publisher's script treats each tensor: the arithmetic dtype, how added
+    rows are filled, which tensors are absolute or kept without a raw counterpart. Refuses, naming the tensors,
+    when either side has tensors the other lacks, when shapes differ other than the family allows, or when a
+    tensor is not floating point.
     """
-    missing = [name for name in other if name not in raw]
+    missing = [name for name in other if name not in raw and not (family and family.keeps_unpaired(name))]
     extra = [name for name in raw if name not in other]
     if missing or extra:
         raise PlanError(_describe_unmatched(missing, extra, other_role))
     jobs = []
     for name, info in other.items():
-        base = raw[name]
+        base = raw.get(name)
         for side, tensor in (("raw", base), (other_role, info)):
-            if tensor.dtype not in FLOAT_DTYPES:
+            if tensor is not None and tensor.dtype not in FLOAT_DTYPES:
                 raise PlanError(f"{side} tensor {name} is {tensor.dtype}, not floating point: not model weights")
-        jobs.append(
-            TensorJob(
-                name=name,
-                raw=base,
-                other=info,
-                out_dtype=_resolve_dtype(out_dtype, info.dtype),
-                added_rows=_added_rows(base, info, other_role, raw, other),
-            )
-        )
+        dtype = _resolve_dtype(out_dtype, family.arithmetic if family else info.dtype)
+        if family is None:
+            added = _added_rows(base, info, other_role, raw, other)
+            jobs.append(TensorJob(name=name, raw=base, other=info, out_dtype=dtype, added_rows=added))
+        else:
+            jobs.append(_family_job(family, name, base, info, dtype, raw, other))
     return Plan(shards=plan_shards(jobs, parse_size(max_shard_size)))
+
+
+def _family_job(
+    family: Family,
+    name: str,
+    base: TensorInfo | None,
+    info: TensorInfo,
+    dtype: torch.dtype,
+    raw: dict[str, TensorInfo],
+    other: dict[str, TensorInfo],
+) -> TensorJob:
+    """Return the job for one diff tensor under a family's rule."""
+    job = functools.partial(TensorJob, name=name, raw=base, other=info, out_dtype=dtype, arithmetic=family.arithmetic)
+    if base is None or family.is_absolute(name):
+        return job(added_rows=0, absolute=True)
+    if base.shape == info.shape:
+        return job(added_rows=0, fill=family.added_rows or "mean")
+    try:
+        added = _added_rows(base, info, "diff", raw, other)
+    except PlanError:
+        if family.resized_absolute:
+            return job(added_rows=0, absolute=True)
+        raise
+    if family.added_rows is None:
+        raise PlanError(
+            f"tensor {name}: the diff has {added} vocabulary rows more than raw, which the {family.title} rule "
+            "never adds; give the raw model the diff was made from, or choose the diff's family with --family"
+        )
+    return job(added_rows=added, fill=family.added_rows)
 
 
 def _describe_unmatched(missing: list[str], extra: list[str], other_role: str) -> str:
