@@ -198,17 +198,27 @@ Example (the Open-Instruct Self-Instruct 13B diff):
     show_default=True,
     help="Output dtype; auto keeps the diff's (float32 for 2023 diffs).",
 )
+@click.option(
+    "--family",
+    default=None,
+    metavar="NAME",
+    help="Apply this diff family's rule instead of detecting it: weight-diff, open-instruct, alpaca, wizardlm, "
+    "alpaca-farm, vicuna-v0, vicuna-v1.1, llava-v0, ziya.",
+)
 @_output_options
 @reports_errors
-def recover(path_raw, path_diff, path_tuned, dtype, max_shard_size, overwrite, resume, chat_template, quiet):
+def recover(path_raw, path_diff, path_tuned, dtype, family, max_shard_size, overwrite, resume, chat_template, quiet):
     """Recover the tuned model: raw + diff, written to PATH_TUNED and checked."""
     from .jobs import recover as run_recover
 
     report = _run_job(
         run_recover, "recover", quiet, chat_template, path_raw, path_diff, path_tuned,
-        dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
+        dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, family=family,
     )  # fmt: skip
+    click.echo(f"family: {report.family} ({report.family_reason})")
     click.echo(_summary("recovered", report))
+    for check in report.checks:
+        click.echo(f"check: {check}")
     if report.verified:
         click.echo(f"verified: {report.tensors} tensors match the publisher's manifest")
     else:

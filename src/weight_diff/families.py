@@ -118,7 +118,7 @@ def _fp32_pad(pad: str | None) -> Callable[[Evidence], str | None]:
             return None
         if e.added_rows == 0 and pad == "<pad>":
             return "float32 diff with raw's vocabulary: plain float32 addition (open-instruct rule)"
-        if e.added_rows and e.added_rows > 0 and e.pad_token in (pad, None) and (pad == "<pad>" or e.pad_token):
+        if e.added_rows and e.added_rows > 0 and e.pad_token in (pad, None):
             return f"float32 diff, {e.added_rows} added vocabulary row(s), pad token {e.pad_token or 'unnamed'}"
         return None
 

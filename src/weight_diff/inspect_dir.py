@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import Checkpoint, TensorInfo
-from .errors import IntegrityError
+from .errors import IntegrityError, UsageError
+from .families import detect, evidence_of
 from .files import CHAT_TEMPLATE_FILE, CONFIG_NAME
 from .manifest import RECOVERY_NAME, SUMS_NAME, Digest, Manifest, dtype_name, read_sums
 from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, format_size
@@ -71,6 +72,7 @@ class Inspection:
     sums: Sums
     recovery: dict | None = None  # weight-diff-recovery.json of a model that recover wrote
     tokenizer: str = "none"  # which tokenizer files, whether they agree
+    family: str | None = None  # a diff's family and why ("vicuna-v1.1: float16 delta, ..."), or why none
 
     def lines(self) -> list[str]:
         """Return the inspection as text for a person, one fact a line."""
@@ -90,6 +92,7 @@ class Inspection:
             ("tokenizer", self.tokenizer),
         ]
         if self.kind == "diff":
+            rows.append(("family", self.family or "unknown"))
             rows.append(("expects base", self.base or "not recorded (no manifest)"))
             if self.made_by:
                 rows.append(("made by", ", ".join(f"{k} {v}" for k, v in self.made_by.items())))
@@ -136,7 +139,17 @@ def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspect
             recovery=_read_json(directory / RECOVERY_NAME) or None,
             tokenizer=describe_tokenizer(directory),
             sums=_check_sums(directory, checkpoint.files, hash_files=check_sums),
+            family=_family(checkpoint) if kind != "model" else None,
         )
+
+
+def _family(checkpoint: Checkpoint) -> str:
+    """Return the diff family this diff looks like and why (the raw side taken as LLaMA's), or why none."""
+    try:
+        family, reason = detect(evidence_of(checkpoint))
+    except UsageError as error:
+        return f"not determined: {error}"
+    return f"{family.name} ({family.title}: {reason})"
 
 
 def _describe_recovery(record: dict) -> str:
