@@ -243,3 +243,23 @@ def test_cli_names_the_family_and_refuses_an_unknown_one(fp16_pair, tmp_path):
     assert "family: vicuna-v1.1 (float16 delta, same vocabulary as raw" in result.output
     result = CliRunner().invoke(main, ["inspect", str(diff_dir), "--no-hash"])
     assert "family" in result.output and "vicuna-v1.1" in result.output
+
+
+def test_make_diff_family_vicuna_makes_a_float16_delta_recover_detects(fp16_pair, tmp_path):
+    raw_dir, tuned_dir, raw, tuned = fp16_pair
+    tuned_copy = tmp_path / "tuned"
+    shutil.copytree(tuned_dir, tuned_copy)
+    save_checkpoint(tuned, tuned_copy, fmt="safetensors")
+    args = ["make-diff", "--path_raw", str(raw_dir), "--path_tuned", str(tuned_copy), "-q"]
+    result = CliRunner().invoke(main, [*args, "--path_diff", str(tmp_path / "delta"), "--family", "vicuna-v1.1"])
+    assert result.exit_code == 0, result.output
+    assert "family: vicuna-v1.1" in result.output
+    delta = load_tensors(tmp_path / "delta")
+    for name, tensor in tuned.items():  # FastChat make_delta: target (fp16) -= base (fp16)
+        assert delta[name].dtype == torch.float16 and torch.equal(delta[name], tensor - raw[name]), name
+    assert not (tmp_path / "delta" / "weight-diff-manifest.json").exists()
+    report = recover(raw_dir, tmp_path / "delta", tmp_path / "out")
+    assert report.family == "vicuna-v1.1"
+    _check_equal(tmp_path / "out", {n: raw[n] + delta[n] for n in delta})
+    refused = CliRunner().invoke(main, [*args, "--path_diff", str(tmp_path / "z"), "--family", "ziya"])
+    assert refused.exit_code == 2 and "make-diff --family ziya: not supported" in refused.output

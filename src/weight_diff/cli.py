@@ -239,18 +239,31 @@ Example:
 @_path_option("path_raw", "The raw base model the fine-tune started from.")
 @_path_option("path_tuned", "The fine-tuned model.")
 @_path_option("path_diff", "Where to write the diff (a new directory).")
+@click.option(
+    "--family",
+    default=None,
+    metavar="NAME",
+    help="Make the diff the way this family's publisher did (vicuna-v1.1, vicuna-v0, alpaca, wizardlm); "
+    "without a manifest, as theirs had none. Default: ours (float32, with a manifest).",
+)
 @_output_options
 @reports_errors
-def make_diff(path_raw, path_tuned, path_diff, max_shard_size, overwrite, resume, chat_template, quiet):
+def make_diff(path_raw, path_tuned, path_diff, family, max_shard_size, overwrite, resume, chat_template, quiet):
     """Make a float32 diff (tuned - raw) with a checksum manifest, ready to publish."""
     from .jobs import make_diff as run_make_diff
 
     report = _run_job(
         run_make_diff, "make-diff", quiet, chat_template, path_raw, path_tuned, path_diff,
-        max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
+        max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, family=family,
     )  # fmt: skip
     click.echo(_summary("made diff of", report))
-    click.echo(f"manifest: weight-diff-manifest.json covers {report.tensors} tensors; publish the whole directory")
+    if report.manifest:
+        click.echo(f"manifest: weight-diff-manifest.json covers {report.tensors} tensors; publish the whole directory")
+    else:
+        click.echo(
+            f"family: {report.family} (made as its publisher did, without a manifest: recover can check nothing "
+            "but the files' SHA256SUMS)"
+        )
 
 
 # The 2023 scripts spelled it make_diff; the model card's users type that.

@@ -100,6 +100,7 @@ class Family:
     resized_absolute: bool = False
     unpaired: str | None = None
     sum_check: SumCheck | None = None
+    makes_diff: bool = False  # make-diff --family can make a diff the way this publisher did
 
     def is_absolute(self, name: str) -> bool:
         return name in self.absolute
@@ -152,6 +153,7 @@ FAMILIES: tuple[Family, ...] = (
         arithmetic=torch.float32,
         added_rows="mean",
         matches=_ours,
+        makes_diff=True,
     ),
     Family(
         name="open-instruct",
@@ -169,6 +171,7 @@ FAMILIES: tuple[Family, ...] = (
         added_rows="torch-mean",
         matches=_fp32_pad("[PAD]"),
         sum_check=SumCheck("alpaca", atol=ALPACA_SUM_ATOL, rtol=0.0),
+        makes_diff=True,
     ),
     Family(
         name="wizardlm",
@@ -177,6 +180,7 @@ FAMILIES: tuple[Family, ...] = (
         arithmetic=torch.float32,
         added_rows="torch-mean",
         matches=lambda e: None,  # indistinguishable from Alpaca's files: chosen with --family
+        makes_diff=True,
     ),
     Family(
         name="alpaca-farm",
@@ -196,6 +200,7 @@ FAMILIES: tuple[Family, ...] = (
         arithmetic=torch.float16,
         added_rows="zero",
         matches=_fp16(lambda rows: 1 <= rows <= 8, "a few added vocabulary rows (FastChat <= 0.1.10: zero rows)"),
+        makes_diff=True,
     ),
     Family(
         name="vicuna-v1.1",
@@ -204,6 +209,7 @@ FAMILIES: tuple[Family, ...] = (
         arithmetic=torch.float16,
         added_rows=None,
         matches=_fp16(lambda rows: rows == 0, "same vocabulary as raw (FastChat >= 0.2: float16 add)"),
+        makes_diff=True,
     ),
     Family(
         name="llava-v0",

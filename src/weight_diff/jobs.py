@@ -161,21 +161,38 @@ def make_diff(
     chat_template: str | None = None,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    family: str | None = None,
 ) -> RunReport:
-    """Return the report of writing the float32 diff tuned - raw, with its manifest, to ``path_diff``."""
+    """Return the report of writing the float32 diff tuned - raw, with its manifest, to ``path_diff``.
+
+    ``family`` makes the diff the way that family's publisher did instead (e.g. ``vicuna-v1.1``: a float16
+    delta, subtracted in float16); such a diff carries no manifest, as the publisher's did not.
+    """
     raw_dir, tuned_dir, out = Path(path_raw), Path(path_tuned), Path(path_diff)
+    rule = families.family_named(family) if family is not None else None
+    if rule is not None and not rule.makes_diff:
+        makers = ", ".join(f.name for f in families.FAMILIES if f.makes_diff)
+        raise UsageError(f"make-diff --family {rule.name}: not supported; choose one of {makers}")
+    if rule is not None and rule.name == "weight-diff":
+        rule = None
     output.check_location(out, [raw_dir, tuned_dir], overwrite=overwrite, resume=resume)
     with Checkpoint.open(raw_dir) as raw, Checkpoint.open(tuned_dir) as tuned:
         for checkpoint, role in ((raw, "raw model"), (tuned, "tuned model")):
             if classify(checkpoint)[0] == "diff":
                 raise UsageError(f"{checkpoint.directory}: looks like a weight diff, not a {role}")
         plan = plan_pairs(
-            raw.tensors, tuned.tensors, other_role="tuned model", out_dtype="float32", max_shard_size=max_shard_size
+            raw.tensors,
+            tuned.tensors,
+            other_role="tuned model",
+            out_dtype="auto" if rule else "float32",
+            max_shard_size=max_shard_size,
+            family=rule,
         )
         records: dict[str, TensorRecord] = {}
 
         def on_tensor(job: TensorJob, digests: TensorDigests) -> None:
-            records[job.name] = TensorRecord(raw=digests.raw, diff=digests.diff, result=digests.result)
+            if rule is None:
+                records[job.name] = TensorRecord(raw=digests.raw, diff=digests.diff, result=digests.result)
 
         def manifest_bytes() -> bytes:
             manifest = Manifest(
@@ -184,27 +201,28 @@ def make_diff(
             return manifest.to_json().encode()
 
         tokens = tokenizer.prepare(tuned_dir)
-        config = tokens.config_with_pad(files.config_with_dtype(files.read_config(tuned_dir), torch.float32))
-        return _run(
+        config = tokens.config_with_pad(files.config_with_dtype(files.read_config(tuned_dir), plan.dtype))
+        report = _run(
             "make-diff",
             plan,
             raw,
             tuned,
             out,
-            hashing=Hashing(raw=True, diff=True, result=True),
+            hashing=Hashing(raw=True, diff=True, result=True) if rule is None else Hashing(),
             on_tensor=on_tensor,
             config=config,
             companions=files.companion_files(tuned_dir),
             tokens=tokens,
-            extra_files={MANIFEST_NAME: manifest_bytes},
+            extra_files={MANIFEST_NAME: manifest_bytes} if rule is None else {},
             chat_template=chat_template,
             overwrite=overwrite,
             resume=resume,
             progress=progress,
             on_plan=on_plan,
-            has_manifest=True,
-            records=records,
+            has_manifest=rule is None,
+            records=records if rule is None else None,
         )
+        return replace(report, family=rule.name if rule else "weight-diff")
 
 
 def _run(

@@ -340,6 +340,9 @@ class Pipeline:
             if hashes.total is not None:
                 hashes.total += written.sum(dtype=torch.float64).item()
         else:
+            if job.arithmetic != torch.float32:  # a float16 family's delta: both cast, subtracted in float16
+                result = _as(buffers.result, job.arithmetic, count, shape)
+                work = _as(buffers.work, job.arithmetic, count, shape)
             arithmetic.diff_rows(base, other, work, result)
             written = work
             if hashes.diff is not None or hashes.result is not None:
