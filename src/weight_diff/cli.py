@@ -220,7 +220,8 @@ def recover(path_raw, path_diff, path_tuned, dtype, family, max_shard_size, over
     for check in report.checks:
         click.echo(f"check: {check}")
     if report.verified:
-        click.echo(f"verified: {report.tensors} tensors match the publisher's manifest")
+        against = "manifest" if report.unit == "tensors" else "checksum list"
+        click.echo(f"verified: {report.tensors} {report.unit} match the publisher's {against}")
     else:
         click.echo(
             "not verified: the diff has no manifest, so the result could not be checked against the publisher; "
@@ -323,7 +324,7 @@ def _summary(verb: str, report) -> str:
     resumed = f", {report.resumed_shards} kept from the interrupted run" if report.resumed_shards else ""
     notes = "".join(f"\ntokenizer: {note}" for note in report.notes)
     return (
-        f"{verb} {report.tensors} tensors ({format_size(report.bytes_written)} in {report.shards} shard"
+        f"{verb} {report.tensors} {report.unit} ({format_size(report.bytes_written)} in {report.shards} shard"
         f"{'s' if report.shards != 1 else ''}{resumed}) into {report.out_dir} in {report.seconds:.1f} s{notes}"
     )
 

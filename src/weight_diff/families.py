@@ -20,6 +20,7 @@ What each script does (read from the scripts themselves; transformers 4.28-era l
   compared with ``np.isclose`` (relative 1e-5).
 - Ziya (Fengshenbang ``apply_delta.py``): float16; ``embed_tokens``, ``lm_head`` (and rotary buffers) are
   stored absolute in the delta and taken as they are; every other tensor is added in float16.
+- OpenAssistant (``xor_codec.py``): every file XORed byte for byte with raw's file of the same name; see ``xor``.
 
 >>> family, reason = detect(evidence_of(raw, diff))
 >>> family.name, reason
@@ -101,6 +102,7 @@ class Family:
     unpaired: str | None = None
     sum_check: SumCheck | None = None
     makes_diff: bool = False  # make-diff --family can make a diff the way this publisher did
+    xor_files: bool = False  # the diff is files XORed with raw's files (see xor.py), not tensors
 
     def is_absolute(self, name: str) -> bool:
         return name in self.absolute
@@ -228,6 +230,15 @@ FAMILIES: tuple[Family, ...] = (
         added_rows="stored",
         matches=_fp16(lambda rows: rows > 8, "a much larger vocabulary; embeddings and lm_head stored absolute"),
         absolute=VOCAB_TENSORS,
+    ),
+    Family(
+        name="openassistant-xor",
+        title="OpenAssistant XOR",
+        script="Open-Assistant model/model_training/tools/xor_codec.py",
+        arithmetic=torch.uint8,
+        added_rows=None,
+        matches=lambda e: None,  # its weights cannot be read as tensors: xor.looks_xor tells it from its files
+        xor_files=True,
     ),
 )
 BY_NAME = {family.name: family for family in FAMILIES}

@@ -20,7 +20,7 @@ from pathlib import Path
 import safetensors
 import torch
 
-from . import __version__, families, files, output, tokenizer
+from . import __version__, families, files, output, tokenizer, xor
 from .checkpoint import Checkpoint
 from .errors import IntegrityError, UsageError
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, Manifest, TensorRecord, dtype_name, format_sums
@@ -45,6 +45,7 @@ class RunReport:
     verified: bool  # recover: every tensor matched the manifest
     notes: tuple[str, ...] = ()  # what was done to the tokenizer files, or found wrong with them
     family: str | None = None  # recover: the diff family whose rule was applied
+    unit: str = "tensors"  # what ``tensors`` counts: "files" for XOR families
     family_reason: str | None = None  # why that family
     checks: tuple[str, ...] = ()  # the family's own checks, as passed
 
@@ -70,11 +71,17 @@ def recover(
     """
     raw_dir, diff_dir, out = Path(path_raw), Path(path_diff), Path(path_tuned)
     output.check_location(out, [raw_dir, diff_dir], overwrite=overwrite, resume=resume)
+    rule = families.family_named(family) if family is not None else None
+    xor_reason = xor.looks_xor(diff_dir) if diff_dir.is_dir() and rule is None else None
+    if xor_reason or (rule is not None and rule.xor_files):
+        chosen = rule or next(f for f in families.FAMILIES if f.xor_files)
+        reason = xor_reason or "chosen with --family"
+        return _recover_xor(raw_dir, diff_dir, out, chosen, reason, dtype, chat_template, overwrite, resume, progress)
     manifest = Manifest.load(diff_dir)
     with Checkpoint.open(raw_dir) as raw, Checkpoint.open(diff_dir) as diff:
         _check_roles(raw, diff, manifest)
-        if family is not None:
-            rule, reason = families.family_named(family), "chosen with --family"
+        if rule is not None:
+            reason = "chosen with --family"
         else:
             rule, reason = families.detect(families.evidence_of(diff, raw))
         if manifest is None or rule.name != "weight-diff":
@@ -121,6 +128,53 @@ def recover(
             has_manifest=manifest is not None,
         )
         return replace(report, family=rule.name, family_reason=reason, checks=tuple(checks))
+
+
+def _recover_xor(
+    raw_dir: Path,
+    diff_dir: Path,
+    out: Path,
+    rule: families.Family,
+    reason: str,
+    dtype: str,
+    chat_template: str | None,
+    overwrite: bool,
+    resume: bool,
+    progress: Callable[[int], None] | None,
+) -> RunReport:
+    """Return the report of XORing the payload's files with raw's: the publisher's files, byte for byte."""
+    if dtype != "auto" or chat_template is not None or resume:
+        raise UsageError(
+            f"{rule.title}: the result is the publisher's files byte for byte; --dtype, --chat-template and --resume "
+            "do not apply (run again without them, with --overwrite to replace a partial output)"
+        )
+    started = time.monotonic()
+    plan = xor.plan_xor(diff_dir, raw_dir)
+    output.check_free_space(out, plan.total_size)
+    xor.prepare_output(out, overwrite=overwrite)
+    done = xor.apply_xor(plan, out, progress or (lambda nbytes: None))
+    checks = []
+    if done.checked:
+        checks.append(f"{len(done.checked)} files match the publisher's MD5/SHA-256 list ({', '.join(done.checked)})")
+    if done.unlisted:
+        checks.append(
+            f"{len(done.unlisted)} files are in no checksum list the payload carries, so they could not be checked "
+            f"({', '.join(done.unlisted)}); compare them with the model card's list"
+        )
+    return RunReport(
+        out_dir=out,
+        tensors=done.files,
+        shards=done.files,
+        bytes_written=done.bytes_written,
+        seconds=time.monotonic() - started,
+        resumed_shards=0,
+        manifest=bool(plan.listed),
+        verified=bool(done.checked) and not done.unlisted,
+        family=rule.name,
+        family_reason=reason,
+        checks=tuple(checks),
+        unit="files",
+    )
 
 
 def _check_family_sum(

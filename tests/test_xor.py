@@ -1,0 +1,98 @@
+"""XOR families (OpenAssistant): a payload made the way xor_codec.py makes it, written here with plain numpy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy
+import pytest
+from click.testing import CliRunner
+
+from weight_diff.cli import main
+from weight_diff.errors import IntegrityError, UsageError
+from weight_diff.jobs import recover
+
+
+def _xor(payload: bytes, base: bytes) -> bytes:
+    """xor_codec.py's rule: the base zero-padded or cut to the payload's length."""
+    base = base[: len(payload)].ljust(len(payload), b"\0")
+    return (numpy.frombuffer(payload, numpy.uint8) ^ numpy.frombuffer(base, numpy.uint8)).tobytes()
+
+
+@pytest.fixture
+def publisher(tmp_path):
+    """raw files (the publisher's conversion), the tuned files, and the XOR payload with its md5 list."""
+    rng = numpy.random.default_rng(0)
+    raw, tuned, payload = tmp_path / "llama_hf", tmp_path / "tuned", tmp_path / "payload"
+    for d in (raw, tuned, payload):
+        d.mkdir()
+    files = {
+        "config.json": (json.dumps({"vocab_size": 32000}).encode(), json.dumps({"vocab_size": 32016}).encode()),
+        "pytorch_model-00001-of-00002.bin": (rng.bytes(300_000), rng.bytes(300_000)),
+        "pytorch_model-00002-of-00002.bin": (rng.bytes(200_000), rng.bytes(200_123)),  # added tokens: longer
+        "tokenizer_config.json": (b'{"a": 1, "long": "xxxxxxxxxxxxxxxx"}', b'{"a": 2}'),  # shorter than raw
+    }
+    lines = []
+    for name, (raw_bytes, tuned_bytes) in files.items():
+        (raw / name).write_bytes(raw_bytes)
+        (tuned / name).write_bytes(tuned_bytes)
+        (payload / name).write_bytes(_xor(tuned_bytes, raw_bytes))
+        lines += [
+            f"{hashlib.md5(raw_bytes).hexdigest()}  ./{name}",
+            f"{hashlib.md5(tuned_bytes).hexdigest()}  ./{name}",
+        ]
+    (tuned / "added_tokens.json").write_text('{"<|prompter|>": 32000}')
+    (payload / "added_tokens.json").write_text('{"<|prompter|>": 32000}')
+    (payload / "README.md").write_text("# model card\n```\n" + "\n".join(lines) + "\n```\n")
+    return raw, tuned, payload
+
+
+def test_xor_gives_the_publishers_files_byte_for_byte_and_checks_the_md5_list(publisher, tmp_path):
+    raw, tuned, payload = publisher
+    report = recover(raw, payload, tmp_path / "out")
+    assert report.family == "openassistant-xor" and "not JSON" in report.family_reason
+    for path in tuned.iterdir():
+        assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes(), path.name
+    assert "4 files match the publisher's MD5/SHA-256 list" in report.checks[0]
+    assert "added_tokens.json" in report.checks[1]  # in clear, in no list: said so
+
+
+def test_xor_with_a_differently_converted_raw_file_is_refused_and_nothing_loads(publisher, tmp_path):
+    raw, tuned, payload = publisher
+    shard = raw / "pytorch_model-00001-of-00002.bin"
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="not byte-identical to the one the publisher converted"):
+        recover(raw, payload, tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert not (tmp_path / "out" / shard.name).exists()
+
+
+def test_xor_with_a_damaged_payload_blames_the_payload(publisher, tmp_path):
+    raw, tuned, payload = publisher
+    shard = payload / "pytorch_model-00001-of-00002.bin"
+    data = bytearray(shard.read_bytes())
+    data[5] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="the payload file is damaged"):
+        recover(raw, payload, tmp_path / "out")
+
+
+def test_xor_needs_every_raw_file(publisher, tmp_path):
+    raw, tuned, payload = publisher
+    (raw / "tokenizer_config.json").unlink()
+    with pytest.raises(UsageError, match="lacks 1 file.*tokenizer_config.json.*exactly as the publisher converted"):
+        recover(raw, payload, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_xor_without_a_list_says_what_could_not_be_checked(publisher, tmp_path):
+    raw, tuned, payload = publisher
+    (payload / "README.md").unlink()
+    args = ["recover", "--path_raw", str(raw), "--path_diff", str(payload), "--path_tuned", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, [*args, "-q"])
+    assert result.exit_code == 0, result.output
+    assert "family: openassistant-xor" in result.output and "recovered 5 files" in result.output
+    assert "5 files are in no checksum list" in result.output and "not verified" in result.output
