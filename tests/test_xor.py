@@ -96,3 +96,10 @@ def test_cli_xor_without_a_list_says_what_could_not_be_checked(publisher, tmp_pa
     assert result.exit_code == 0, result.output
     assert "family: openassistant-xor" in result.output and "recovered 5 files" in result.output
     assert "5 files are in no checksum list" in result.output and "not verified" in result.output
+
+
+def test_inspect_names_an_xor_payload(publisher):
+    raw, tuned, payload = publisher
+    result = CliRunner().invoke(main, ["inspect", str(payload), "--no-hash"])
+    assert result.exit_code == 0, result.output
+    assert "openassistant-xor" in result.output and "XOR payload" in result.output

@@ -21,6 +21,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import IntegrityError, UsageError
 from .families import detect, evidence_of
+from .xor import looks_xor
 from .files import CHAT_TEMPLATE_FILE, CONFIG_NAME
 from .manifest import RECOVERY_NAME, SUMS_NAME, Digest, Manifest, dtype_name, read_sums
 from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, format_size
@@ -108,6 +109,9 @@ class Inspection:
 def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspection:
     """Return what the directory holds; ``check_sums=False`` skips hashing the files against ``SHA256SUMS``."""
     directory = Path(path)
+    xor_reason = looks_xor(directory) if directory.is_dir() else None
+    if xor_reason:
+        return _xor_payload(directory, xor_reason)
     manifest = Manifest.load(directory)
     config = _read_json(directory / CONFIG_NAME)
     with Checkpoint.open(directory) as checkpoint:
@@ -141,6 +145,32 @@ def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspect
             sums=_check_sums(directory, checkpoint.files, hash_files=check_sums),
             family=_family(checkpoint) if kind != "model" else None,
         )
+
+
+def _xor_payload(directory: Path, reason: str) -> Inspection:
+    """Return what can be said of an XOR payload, whose files cannot be read before they are decoded."""
+    files = [p for p in directory.iterdir() if p.is_file()]
+    return Inspection(
+        path=str(directory),
+        kind="diff",
+        evidence=f"an XOR payload: {reason}",
+        manifest=False,
+        architecture=None,
+        model_type=None,
+        size="unknown until decoded",
+        parameters=0,
+        tensors=0,
+        dtypes={},
+        vocab_size=None,
+        layout="xor-files",
+        shards=len(files),
+        total_bytes=sum(p.stat().st_size for p in files),
+        chat_template=False,
+        base="the raw model's files byte-identical to the publisher's conversion",
+        made_by=None,
+        sums=Sums("none"),
+        family="openassistant-xor (OpenAssistant XOR: every file XORed with raw's file of the same name)",
+    )
 
 
 def _family(checkpoint: Checkpoint) -> str:
