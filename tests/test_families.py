@@ -155,6 +155,21 @@ def test_alpaca_farm_checks_model_sum_txt(fp32_case, tmp_path):
     _check_equal(tmp_path / "out", expected)
 
 
+def test_alpaca_farm_keeps_tensors_raw_lacks_or_of_another_size_as_stored(fp32_case, tmp_path):
+    work, raw_dir, tuned_dir, diff, expected = fp32_case
+    head = torch.randn(1, 64)  # a reward model's score head: no raw counterpart, stored absolute
+    norm = torch.randn(65) * 0.01  # a size raw does not have: stored absolute ("not diff'd in the upload")
+    norm_name = "model.layers.0.input_layernorm.weight"
+    weights = {**diff, "score.weight": head, norm_name: norm}
+    diff_dir = _write_diff(tmp_path / "farm-diff", weights, tuned_dir, pad="[PAD]")
+    want = {**expected, "score.weight": head, norm_name: norm}
+    config = json.loads((diff_dir / "config.json").read_text())
+    (diff_dir / "model_sum.txt").write_text(f"{_alpaca_sum(want, config) + head.sum().item()}\n")
+    report = recover(raw_dir, diff_dir, tmp_path / "out")
+    assert report.family == "alpaca-farm" and "passed" in report.checks[0]
+    _check_equal(tmp_path / "out", want)
+
+
 @pytest.fixture(scope="module")
 def fp16_pair(tmp_path_factory):
     """A raw LLaMA (fp16) and float16 fine-tunes of it: same vocabulary, one [PAD] row, and 3 extra rows."""

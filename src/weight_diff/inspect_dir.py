@@ -21,13 +21,13 @@ from pathlib import Path
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import IntegrityError, UsageError
 from .families import detect, evidence_of
-from .xor import looks_xor
 from .files import CHAT_TEMPLATE_FILE, CONFIG_NAME
 from .manifest import RECOVERY_NAME, SUMS_NAME, Digest, Manifest, dtype_name, read_sums
 from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, format_size
 from .role import classify
 from .tokenizer import describe as describe_tokenizer
 from .verify import check_sums
+from .xor import looks_xor
 
 
 @dataclass(frozen=True)
