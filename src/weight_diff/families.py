@@ -22,7 +22,7 @@ What each script does (read from the scripts themselves; transformers 4.28-era l
   stored absolute in the delta and taken as they are; every other tensor is added in float16.
 - OpenAssistant (``xor_codec.py``): every file XORed byte for byte with raw's file of the same name; see ``xor``.
 
->>> family, reason = detect(evidence_of(raw, diff))
+>>> family, reason = detect(evidence_of(diff, raw))
 >>> family.name, reason
 ('vicuna-v1.1', 'float16 delta, same vocabulary as raw: FastChat >= 0.2 apply_delta (float16 add)')
 """

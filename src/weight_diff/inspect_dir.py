@@ -188,7 +188,8 @@ def _describe_recovery(record: dict) -> str:
         verdict = f"verified against the publisher's manifest ({record.get('tensors')} tensors)"
     else:
         verdict = "not verified (the diff had no manifest)"
-    return f"by weight-diff {tool} from {record.get('diff')}; {verdict}"
+    family = f" ({record['family']} rule)" if record.get("family") else ""
+    return f"by weight-diff {tool} from {record.get('diff')}{family}; {verdict}"
 
 
 def _embedding(tensors: dict[str, TensorInfo]) -> TensorInfo | None:
