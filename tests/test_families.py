@@ -88,8 +88,8 @@ def _alpaca_sum(expected: dict[str, torch.Tensor], config: dict, raw_dtype=torch
 def test_torch_row_mean_equals_torch_on_the_whole_tensor():
     rows = (torch.randn(3001, 192) * 0.02).half()
     want = rows.float().mean(dim=0, keepdim=True)
-    got = torch_row_mean(lambda a, b: rows[a:b], rows=3001, width=192, budget=64 * 700)
-    assert torch.equal(got, want)  # two bands of 64 columns, row blocks of 233: every bit as torch's own
+    got = torch_row_mean(lambda a, b: rows[a:b], rows=3001, width=192, budget=64 * 3001, rows_per_read=233)
+    assert torch.equal(got, want)  # three bands of 64 columns, row blocks of 233: every bit as torch's own
 
 
 def test_alpaca_recovers_as_its_script_and_fails_its_hardcoded_sum_on_another_model(fp32_case, tmp_path):
@@ -278,3 +278,20 @@ def test_make_diff_family_vicuna_makes_a_float16_delta_recover_detects(fp16_pair
     _check_equal(tmp_path / "out", {n: raw[n] + delta[n] for n in delta})
     refused = CliRunner().invoke(main, [*args, "--path_diff", str(tmp_path / "z"), "--family", "ziya"])
     assert refused.exit_code == 2 and "make-diff --family ziya: not supported" in refused.output
+
+
+def test_small_blocks_give_the_same_bits(fp32_case, fp16_pair, tmp_path, monkeypatch):
+    from weight_diff import pipeline
+
+    monkeypatch.setattr(pipeline, "BLOCK_ELEMENTS", 1000)  # many blocks per tensor, mean read in 15-row pieces
+    work, raw_dir, tuned_dir, diff, expected = fp32_case
+    diff_dir = _write_diff(tmp_path / "wizard", diff, tuned_dir, pad="[PAD]")
+    recover(raw_dir, diff_dir, tmp_path / "out32", family="wizardlm")
+    _check_equal(tmp_path / "out32", expected)
+    raw_dir, tuned_dir, raw, tuned = fp16_pair
+    target = _grow(tuned, 3, lambda old: (torch.randn(1, old.shape[1]) * 0.02).half())
+    base = _grow(raw, 3, lambda old: torch.zeros_like(old[:1]))
+    delta = {n: target[n] - base[n] for n in target}
+    diff_dir = _write_diff(tmp_path / "vicuna0", delta, tuned_dir, pad="[PAD]")
+    recover(raw_dir, diff_dir, tmp_path / "out16", family="vicuna-v0")
+    _check_equal(tmp_path / "out16", {n: base[n] + delta[n] for n in delta})

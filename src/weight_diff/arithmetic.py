@@ -62,17 +62,18 @@ def recover_rows(
 
 
 def torch_row_mean(
-    read_rows: Callable[[int, int], torch.Tensor], *, rows: int, width: int, budget: int
+    read_rows: Callable[[int, int], torch.Tensor], *, rows: int, width: int, budget: int, rows_per_read: int
 ) -> torch.Tensor:
     """Return ``rows.float().mean(dim=0, keepdim=True)`` exactly as torch computes it on the whole tensor.
 
     Alpaca's and open-instruct's scripts filled added rows with torch's float32 mean, whose rounding depends on
     torch's summation order (it differs from the exact mean in most columns at LLaMA's size). Torch reduces each
     column on its own, so the mean of a band of columns (a multiple of 64 wide) equals those columns of the
-    whole mean: bands of at most ``budget`` elements are filled from row blocks and reduced, in flat memory.
+    whole mean: bands of at most ``budget`` elements are filled from blocks of ``rows_per_read`` rows and reduced,
+    in flat memory.
     """
     band = max(64, budget // max(rows, 1) // 64 * 64)
-    step = max(1, budget // max(width, 1))
+    step = max(1, rows_per_read)
     mean = torch.empty((1, width), dtype=torch.float32)
     strip = torch.empty(rows * min(band, width), dtype=torch.float32)
     for low in range(0, width, band):

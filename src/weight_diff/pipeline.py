@@ -290,6 +290,7 @@ class Pipeline:
                 rows=job.raw.rows,
                 width=job.raw.row_numel,
                 budget=BAND_ELEMENTS,
+                rows_per_read=max(1, self._budget // job.raw.row_numel),
             )
         return hashes
 
