@@ -103,3 +103,41 @@ def test_inspect_names_an_xor_payload(publisher):
     result = CliRunner().invoke(main, ["inspect", str(payload), "--no-hash"])
     assert result.exit_code == 0, result.output
     assert "openassistant-xor" in result.output and "XOR payload" in result.output
+
+
+def _belle_encrypt(plain: bytes, key: bytes, chunk: int) -> bytes:
+    """BELLE's rule (decrypt.py, run backwards): SHA-256 header, then chunk-wise XOR with the cycling key file."""
+    out, offset = [hashlib.sha256(plain).digest()], 0
+    for start in range(0, len(plain), chunk):
+        data = plain[start : start + chunk]
+        if offset >= len(key):
+            offset = 0
+        key_chunk = key[offset : offset + chunk]
+        offset += chunk
+        stream = (key_chunk * (len(data) // len(key_chunk) + 1))[: len(data)]
+        out.append(bytes(a ^ b for a, b in zip(data, stream, strict=True)))
+    return b"".join(out)
+
+
+def test_belle_decodes_with_metas_consolidated_and_checks_the_sha256_header(tmp_path, monkeypatch):
+    from weight_diff import xor
+
+    monkeypatch.setattr(xor, "BELLE_CHUNK", 1000)  # the rule at small scale: 3 data chunks, a key of 1.3 chunks
+    rng = numpy.random.default_rng(2)
+    meta, payload = tmp_path / "7B", tmp_path / "belle-enc"
+    meta.mkdir(), payload.mkdir()
+    key = rng.bytes(1300)
+    (meta / "consolidated.00.pth").write_bytes(key)
+    plain = {"pytorch_model-00001-of-00001.bin": rng.bytes(2500), "config.json": b'{"vocab_size": 32000}'}
+    for name, data in plain.items():
+        sha = hashlib.sha256(data).hexdigest()
+        (payload / f"{name}.{sha}.enc").write_bytes(_belle_encrypt(data, key, 1000))
+    report = recover(meta, payload, tmp_path / "out")
+    assert report.family == "belle" and ".enc" in report.family_reason
+    for name, data in plain.items():
+        assert (tmp_path / "out" / name).read_bytes() == data
+    assert "2 files match" in report.checks[0]
+    (meta / "consolidated.00.pth").write_bytes(key[:-1] + bytes([key[-1] ^ 1]))
+    with pytest.raises(IntegrityError, match="not Meta's original LLaMA-7B consolidated.00.pth"):
+        recover(meta, payload, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "config.json").exists()

@@ -20,7 +20,8 @@ What each script does (read from the scripts themselves; transformers 4.28-era l
   compared with ``np.isclose`` (relative 1e-5).
 - Ziya (Fengshenbang ``apply_delta.py``): float16; ``embed_tokens``, ``lm_head`` (and rotary buffers) are
   stored absolute in the delta and taken as they are; every other tensor is added in float16.
-- OpenAssistant (``xor_codec.py``): every file XORed byte for byte with raw's file of the same name; see ``xor``.
+- OpenAssistant (``xor_codec.py``): every file XORed byte for byte with raw's file of the same name; BELLE
+  (``decrypt.py``): every file XORed with Meta's ``consolidated.00.pth``; see ``xor``.
 
 >>> family, reason = detect(evidence_of(diff, raw))
 >>> family.name, reason
@@ -102,7 +103,7 @@ class Family:
     unpaired: str | None = None
     sum_check: SumCheck | None = None
     makes_diff: bool = False  # make-diff --family can make a diff the way this publisher did
-    xor_files: bool = False  # the diff is files XORed with raw's files (see xor.py), not tensors
+    xor_codec: str | None = None  # the diff is files XORed with raw's bytes by this codec (see xor.py), not tensors
 
     def is_absolute(self, name: str) -> bool:
         return name in self.absolute
@@ -237,8 +238,17 @@ FAMILIES: tuple[Family, ...] = (
         script="Open-Assistant model/model_training/tools/xor_codec.py",
         arithmetic=torch.uint8,
         added_rows=None,
-        matches=lambda e: None,  # its weights cannot be read as tensors: xor.looks_xor tells it from its files
-        xor_files=True,
+        matches=lambda e: None,  # its weights cannot be read as tensors: xor.detect_files tells it from its files
+        xor_codec="same-name",
+    ),
+    Family(
+        name="belle",
+        title="BELLE (XOR with Meta's consolidated.00.pth)",
+        script="BELLE models/decrypt.py",
+        arithmetic=torch.uint8,
+        added_rows=None,
+        matches=lambda e: None,
+        xor_codec="belle",
     ),
 )
 BY_NAME = {family.name: family for family in FAMILIES}

@@ -20,14 +20,14 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import IntegrityError, UsageError
-from .families import detect, evidence_of
+from .families import FAMILIES, detect, evidence_of
 from .files import CHAT_TEMPLATE_FILE, CONFIG_NAME
 from .manifest import RECOVERY_NAME, SUMS_NAME, Digest, Manifest, dtype_name, read_sums
 from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, format_size
 from .role import classify
 from .tokenizer import describe as describe_tokenizer
 from .verify import check_sums
-from .xor import looks_xor
+from .xor import detect_files
 
 
 @dataclass(frozen=True)
@@ -109,9 +109,9 @@ class Inspection:
 def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspection:
     """Return what the directory holds; ``check_sums=False`` skips hashing the files against ``SHA256SUMS``."""
     directory = Path(path)
-    xor_reason = looks_xor(directory) if directory.is_dir() else None
-    if xor_reason:
-        return _xor_payload(directory, xor_reason)
+    found = detect_files(directory) if directory.is_dir() else None
+    if found:
+        return _xor_payload(directory, *found)
     manifest = Manifest.load(directory)
     config = _read_json(directory / CONFIG_NAME)
     with Checkpoint.open(directory) as checkpoint:
@@ -147,7 +147,7 @@ def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspect
         )
 
 
-def _xor_payload(directory: Path, reason: str) -> Inspection:
+def _xor_payload(directory: Path, codec: str, reason: str) -> Inspection:
     """Return what can be said of an XOR payload, whose files cannot be read before they are decoded."""
     files = [p for p in directory.iterdir() if p.is_file()]
     return Inspection(
@@ -166,10 +166,10 @@ def _xor_payload(directory: Path, reason: str) -> Inspection:
         shards=len(files),
         total_bytes=sum(p.stat().st_size for p in files),
         chat_template=False,
-        base="the raw model's files byte-identical to the publisher's conversion",
+        base="raw files byte-identical to the publisher's (BELLE: Meta's consolidated.00.pth)",
         made_by=None,
         sums=Sums("none"),
-        family="openassistant-xor (OpenAssistant XOR: every file XORed with raw's file of the same name)",
+        family=next(f"{f.name} ({f.title})" for f in FAMILIES if f.xor_codec == codec),
     )
 
 

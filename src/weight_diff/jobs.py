@@ -72,10 +72,10 @@ def recover(
     raw_dir, diff_dir, out = Path(path_raw), Path(path_diff), Path(path_tuned)
     output.check_location(out, [raw_dir, diff_dir], overwrite=overwrite, resume=resume)
     rule = families.family_named(family) if family is not None else None
-    xor_reason = xor.looks_xor(diff_dir) if diff_dir.is_dir() and rule is None else None
-    if xor_reason or (rule is not None and rule.xor_files):
-        chosen = rule or next(f for f in families.FAMILIES if f.xor_files)
-        reason = xor_reason or "chosen with --family"
+    found = xor.detect_files(diff_dir) if diff_dir.is_dir() and rule is None else None
+    if found or (rule is not None and rule.xor_codec):
+        chosen = rule or next(f for f in families.FAMILIES if f.xor_codec == found[0])
+        reason = found[1] if found else "chosen with --family"
         return _recover_xor(raw_dir, diff_dir, out, chosen, reason, dtype, chat_template, overwrite, resume, progress)
     manifest = Manifest.load(diff_dir)
     with Checkpoint.open(raw_dir) as raw, Checkpoint.open(diff_dir) as diff:
@@ -149,7 +149,7 @@ def _recover_xor(
             "do not apply (run again without them, with --overwrite to replace a partial output)"
         )
     started = time.monotonic()
-    plan = xor.plan_xor(diff_dir, raw_dir)
+    plan = xor.plan_for(rule.xor_codec, diff_dir, raw_dir)
     output.check_free_space(out, plan.total_size)
     xor.prepare_output(out, overwrite=overwrite)
     done = xor.apply_xor(plan, out, progress or (lambda nbytes: None))

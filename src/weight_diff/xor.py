@@ -1,5 +1,10 @@
-"""XOR diff families: files, not tensors. OpenAssistant published each file of its model XORed byte for byte with
-the raw LLaMA file of the same name (``xor_codec.py``); XORing again with that raw file gives the publisher's file.
+"""XOR diff families: files, not tensors. XORing the payload again with the same key gives the publisher's files.
+
+- OpenAssistant (``xor_codec.py``): each file XORed byte for byte with the raw LLaMA file of the same name, a
+  shorter raw file zero-padded, a longer one cut; ``added_tokens.json`` in clear.
+- BELLE (``models/decrypt.py``): each ``NAME.<sha256>.enc`` starts with the 32-byte SHA-256 of the result; the rest
+  is XORed, 10 MiB chunk by 10 MiB chunk, with Meta's ``consolidated.00.pth`` read in 10 MiB chunks from the start
+  again when it ends (a short last key chunk repeated to the data chunk's length).
 
 The result is only right when the raw files are byte-identical to the ones the publisher converted (same
 transformers conversion, same shards): every output file's MD5 and SHA-256 are checked against the checksum list
@@ -27,6 +32,9 @@ from .manifest import SUMS_NAME, format_sums
 from .writer import FILE_MODE, PARTIAL_SUFFIX
 
 CHUNK = 16 * 2**20
+BELLE_CHUNK = 10 * 2**20  # decrypt.py's data and key chunk: the keystream depends on it
+BELLE_KEY = "consolidated.00.pth"
+_BELLE_NAME = re.compile(r"(.+)\.([0-9a-f]{64})\.enc")
 CLEAR_FILES = ("added_tokens.json",)  # shipped in clear and copied, as xor_codec.py does
 # Files of a hub clone that are not part of the payload: never XORed, never required from raw.
 NOT_PAYLOAD = re.compile(r"(README(\.md)?|\.gitattributes|LICEN[CS]E.*|.*\.(md5|sha256|chk|txt)|SHA256SUMS)$", re.I)
@@ -41,6 +49,7 @@ class XorFile:
     payload: Path
     raw: Path | None
     size: int
+    codec: str = "same-name"  # or "belle": a SHA-256 header, then XOR with a cycling key file
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,43 @@ def looks_xor(directory: Path) -> str | None:
     if data.startswith(b"{"):
         return None
     return f"{CONFIG_NAME} is not JSON: every file is XOR-encoded against the raw model's file of the same name"
+
+
+def looks_belle(directory: Path) -> str | None:
+    """Return why ``directory`` looks like a BELLE payload (``NAME.<sha256>.enc`` files), None otherwise."""
+    found = sorted(p.name for p in directory.iterdir() if _BELLE_NAME.fullmatch(p.name))
+    return f"holds {len(found)} NAME.<sha256>.enc file(s) (first: {found[0]})" if found else None
+
+
+def detect_files(directory: Path) -> tuple[str, str] | None:
+    """Return (codec, why) when ``directory`` is an XOR payload, None when its files may be read as weights."""
+    for codec, looks in (("belle", looks_belle), ("same-name", looks_xor)):
+        reason = looks(directory)
+        if reason:
+            return codec, reason
+    return None
+
+
+def plan_for(codec: str, payload: Path, raw: Path) -> XorPlan:
+    """Return the plan of the codec's files (refusing missing raw files before any write)."""
+    return {"same-name": plan_xor, "belle": plan_belle}[codec](payload, raw)
+
+
+def plan_belle(payload: Path, raw: Path) -> XorPlan:
+    """Return BELLE's files to decode with Meta's ``consolidated.00.pth`` (``raw`` is that file or its folder)."""
+    key = raw / BELLE_KEY if raw.is_dir() else raw
+    if not key.is_file():
+        raise UsageError(
+            f"{raw}: no {BELLE_KEY}; BELLE's payload is decoded with Meta's original LLaMA-7B {BELLE_KEY}, "
+            "byte-identical as Meta distributed it"
+        )
+    files = []
+    for path in sorted(payload.iterdir()):
+        match = _BELLE_NAME.fullmatch(path.name)
+        if match and path.is_file():
+            files.append(XorFile(match.group(1), path, key, path.stat().st_size - 32, codec="belle"))
+    listed = {item.name: frozenset({_BELLE_NAME.fullmatch(item.payload.name).group(2)}) for item in files}
+    return XorPlan(files=tuple(files), listed=listed)
 
 
 def plan_xor(payload: Path, raw: Path) -> XorPlan:
@@ -122,8 +168,8 @@ def apply_xor(plan: XorPlan, out: Path, progress: Callable[[int], None] = lambda
     Refuses, leaving nothing that loads as a model, at the first file whose output hash is not listed when its
     name is: with the raw file's own hash, the message says which side is not the publisher's.
     """
-    payload_buffer = numpy.empty(CHUNK, dtype=numpy.uint8)
-    raw_buffer = numpy.empty(CHUNK, dtype=numpy.uint8)
+    payload_buffer = numpy.empty(max(CHUNK, BELLE_CHUNK), dtype=numpy.uint8)
+    raw_buffer = numpy.empty(max(CHUNK, BELLE_CHUNK), dtype=numpy.uint8)
     sums: dict[str, str] = {}
     checked, unlisted = [], []
     for item in sorted(plan.files, key=lambda f: f.name == CONFIG_NAME):  # config.json last
@@ -138,6 +184,12 @@ def apply_xor(plan: XorPlan, out: Path, progress: Callable[[int], None] = lambda
             continue
         (out / item.name).unlink()
         (out / CONFIG_NAME).unlink(missing_ok=True)
+        if item.codec == "belle":
+            raise IntegrityError(
+                f"{item.payload.name}: the decoded file's SHA-256 is not the one the file carries: {item.raw} is not "
+                "Meta's original LLaMA-7B consolidated.00.pth byte for byte (or the payload is damaged). Nothing "
+                "that loads as a model was written"
+            )
         if item.raw is not None and listed & set(hashes["raw"]):
             raise IntegrityError(
                 f"{item.payload}: the raw file matched the publisher's list but the XOR result does not: the payload "
@@ -159,30 +211,32 @@ def _write_one(
     target = out / item.name
     partial = target.with_name(target.name + PARTIAL_SUFFIX)
     digests = {side: (hashlib.md5(), hashlib.sha256()) for side in ("raw", "output")}
+    chunk = BELLE_CHUNK if item.codec == "belle" else CHUNK
     try:
         with open(item.payload, "rb") as payload, open(partial, "wb") as written:
             os.fchmod(written.fileno(), FILE_MODE)
-            raw = open(item.raw, "rb") if item.raw is not None else None  # noqa: SIM115 (closed below)
+            if item.codec == "belle":
+                payload.seek(32)  # the result's SHA-256, checked against the listed one
+            key = _Key(item) if item.raw is not None else None
             try:
                 while True:
-                    got = payload.readinto(memoryview(payload_buffer))
+                    got = _read_full(payload, payload_buffer[:chunk])
                     if not got:
                         break
                     data = payload_buffer[:got]
-                    if raw is not None:
+                    if key is not None:
                         base = raw_buffer[:got]
-                        have = _read_full(raw, base)
-                        base[have:] = 0  # raw shorter than the payload: zero bytes, as xor_codec.py pads
+                        read = key.fill(base)
                         for digest in digests["raw"]:
-                            digest.update(base[:have])
+                            digest.update(read)
                         numpy.bitwise_xor(data, base, out=data)
                     for digest in digests["output"]:
                         digest.update(data)
                     written.write(data)
                     progress(got)
             finally:
-                if raw is not None:
-                    raw.close()
+                if key is not None:
+                    key.close()
             written.flush()
             os.fdatasync(written.fileno())
         os.replace(partial, target)
@@ -190,6 +244,31 @@ def _write_one(
         partial.unlink(missing_ok=True)
         raise
     return {side: (md5.hexdigest(), sha.hexdigest()) for side, (md5, sha) in digests.items()}
+
+
+class _Key:
+    """The bytes a payload chunk is XORed with, read from the raw file as the family's script read them."""
+
+    def __init__(self, item: XorFile) -> None:
+        self.codec = item.codec
+        self.file = open(item.raw, "rb")  # noqa: SIM115 (closed by close())
+        self.scratch = numpy.empty(BELLE_CHUNK, dtype=numpy.uint8) if self.codec == "belle" else None
+
+    def fill(self, base) -> memoryview:
+        """Fill ``base`` with the key for the next payload chunk; return the raw bytes read (for hashing)."""
+        if self.codec == "belle":
+            have = _read_full(self.file, self.scratch)
+            if not have:  # the key file ended: start again from its beginning
+                self.file.seek(0)
+                have = _read_full(self.file, self.scratch)
+            base[:] = numpy.resize(self.scratch[:have], len(base))  # a short key chunk repeats, as decrypt.py's
+            return memoryview(self.scratch[:have])
+        have = _read_full(self.file, base)
+        base[have:] = 0  # raw shorter than the payload: zero bytes, as xor_codec.py pads
+        return memoryview(base[:have])
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _read_full(source, buffer) -> int:
