@@ -30,7 +30,6 @@ What each script does (read from the scripts themselves; transformers 4.28-era l
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .errors import UsageError
+from .files import read_json_object
 from .manifest import MANIFEST_NAME
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -306,7 +306,7 @@ def evidence_of(diff: Checkpoint, raw: Checkpoint | None = None) -> Evidence:
 def pad_token(directory: Path) -> str | None:
     """Return the pad token the tokenizer files name (``added_tokens.json``, then ``special_tokens_map.json``)."""
     for name in ("added_tokens.json", "special_tokens_map.json", "tokenizer_config.json"):
-        body = _read_json(directory / name)
+        body = read_json_object(directory / name)
         if name == "added_tokens.json":
             for token in body:
                 if "pad" in token.lower():
@@ -318,14 +318,6 @@ def pad_token(directory: Path) -> str | None:
         if isinstance(pad, str) and pad:
             return pad
     return None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        body = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return body if isinstance(body, dict) else {}
 
 
 def expected_sum(family: Family, diff_dir: Path) -> float | None:

@@ -49,6 +49,15 @@ def read_config(directory: Path) -> dict:
     return config
 
 
+def read_json_object(path: Path) -> dict:
+    """Return a small JSON file's object, or {} when it is absent or unreadable (for what only informs)."""
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def config_with_dtype(config: dict, dtype: torch.dtype) -> dict:
     """Return the config stating ``dtype``; transformers 5 reads ``dtype``, 4.x ``torch_dtype``: write both."""
     updated = dict(config)

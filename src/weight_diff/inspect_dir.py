@@ -12,7 +12,6 @@ when ``check_sums`` is on.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .errors import IntegrityError, UsageError
 from .families import FAMILIES, detect, evidence_of
 from .files import CHAT_TEMPLATE_FILE, CONFIG_NAME
+from .files import read_json_object as _read_json
 from .manifest import RECOVERY_NAME, SUMS_NAME, Digest, Manifest, dtype_name, read_sums
 from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, format_size
 from .role import classify
@@ -221,15 +221,6 @@ def _has_chat_template(directory: Path) -> bool:
     if (directory / CHAT_TEMPLATE_FILE).is_file():
         return True
     return bool(_read_json(directory / "tokenizer_config.json").get("chat_template"))
-
-
-def _read_json(path: Path) -> dict:
-    """Return a small JSON file's object, or {} when it is absent or unreadable (inspect reports, never fails)."""
-    try:
-        body = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return body if isinstance(body, dict) else {}
 
 
 def _check_sums(directory: Path, weight_files: list[Path], *, hash_files: bool) -> Sums:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checkpoint import FLOAT_DTYPES, TensorInfo
 from .errors import PlanError, UsageError
-from .families import Family
+
+if TYPE_CHECKING:
+    from .families import Family
 
 # The only tensors whose first dimension may grow: tokens added to the vocabulary (LLaMA's <pad>).
 VOCAB_SUFFIXES = ("embed_tokens.weight", "lm_head.weight")
