@@ -83,8 +83,8 @@ def test_missing_directory_and_empty_directory_are_named(tmp_path):
         Checkpoint.open(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no weights in a known layout"):
         Checkpoint.open(tmp_path)
-    (tmp_path / "consolidated.00.pth").write_bytes(b"x")
-    with pytest.raises(CheckpointError, match="Meta's original LLaMA checkpoint"):
+    (tmp_path / "consolidated.00.pth").write_bytes(b"x")  # Meta's layout, read as such: its params.json is named
+    with pytest.raises(CheckpointError, match="params.json: missing; Meta's size directory holds it"):
         Checkpoint.open(tmp_path)
 
 

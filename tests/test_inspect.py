@@ -131,7 +131,7 @@ def test_json_output_for_scripts(dirs):
         PARAMETERS_TUNED,
         321,
     )
-    assert body["sums"] == {"status": "verified", "files": 9, "problems": []}
+    assert body["sums"] == {"status": "verified", "files": 9, "problems": [], "name": "SHA256SUMS"}
     assert body["base"].endswith(f"{PARAMETERS_RAW:,} parameters")
 
 

@@ -20,10 +20,14 @@ import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import CheckpointError, first_line
+
+if TYPE_CHECKING:
+    from .sources.meta import Assembly
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -64,7 +68,9 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
-    offset: int | None  # None: only reachable through torch (legacy pickle or a strided view)
+    offset: int | None  # None: only reachable through torch (legacy pickle or a strided view), or assembled
+    # Rows gathered from pieces of several files (Meta's model-parallel shards) instead of one byte range.
+    assembly: Assembly | None = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -108,11 +114,6 @@ def find_weight_files(directory: Path) -> tuple[str, list[Path], dict[str, str] 
     for single_name, layout in ((SAFETENSORS_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
         if (directory / single_name).is_file():
             return layout, [directory / single_name], None
-    if any(directory.glob("consolidated.*.pth")):
-        raise CheckpointError(
-            f"{directory}: holds Meta's original LLaMA checkpoint, not the Hugging Face format; convert it first "
-            "with transformers' convert_llama_weights_to_hf.py"
-        )
     stray = sorted(p.name for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)[:3]
     hint = f" (found {', '.join(stray)} but no index naming them)" if stray else ""
     raise CheckpointError(
@@ -139,17 +140,28 @@ class Checkpoint:
     layout: str
     tensors: dict[str, TensorInfo]
     files: list[Path]
+    config: dict | None = None  # what config.json would say, where the source states it otherwise (params.json)
     _fds: dict[tuple[Path, bool], int | None] = field(default_factory=dict, repr=False)
     _torch_tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, directory: str | os.PathLike) -> Checkpoint:
-        """Return the checkpoint in ``directory`` after reading only its headers (no tensor data)."""
+    def open(
+        cls, directory: str | os.PathLike, *, hidden_size: int | None = None, verify_md5: bool = True
+    ) -> Checkpoint:
+        """Return the checkpoint in ``directory`` after reading only its headers (no tensor data).
+
+        Meta's original download is read as its 2023 Hugging Face conversion (``sources.meta``): ``hidden_size``
+        picks a size from its parent directory, ``verify_md5`` checks its ``checklist.chk`` (a full read).
+        """
+        from .sources import meta
+
         directory = Path(directory)
         if not directory.exists():
             raise CheckpointError(f"{directory}: no such directory")
         if not directory.is_dir():
             raise CheckpointError(f"{directory}: not a directory; give the model's directory, not a file in it")
+        if meta.is_meta_dir(directory):
+            return meta.open_meta(directory, hidden_size=hidden_size, verify_md5=verify_md5)
         layout, files, weight_map = find_weight_files(directory)
         tensors: dict[str, TensorInfo] = {}
         torch_tensors: dict[str, torch.Tensor] = {}
@@ -176,6 +188,8 @@ class Checkpoint:
 
     def read_rows(self, info: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Return rows ``start:stop`` of a tensor in its stored dtype, in ``out`` (a byte buffer) when given."""
+        if info.assembly is not None:
+            return info.assembly.read_rows(self, info, start, stop, out)
         count = (stop - start) * info.row_numel
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         if info.offset is None:

@@ -111,6 +111,14 @@ _common_output_options = [
 ]
 
 
+_no_md5_option = click.option(
+    "--no-md5",
+    "no_md5",
+    is_flag=True,
+    help="Skip the md5 check of Meta's checklist.chk (a full read of the raw model) when the raw is Meta's download.",
+)
+
+
 def _output_options(command: Callable) -> Callable:
     for option in reversed(_common_output_options):
         command = option(command)
@@ -188,7 +196,9 @@ Example (the Open-Instruct Self-Instruct 13B diff):
       --path_tuned self-instruct-13b --chat-template open-instruct
 """
 )
-@_path_option("path_raw", "The raw base model (Hugging Face format), e.g. LLaMA-13B.")
+@_path_option(
+    "path_raw", "The raw base model: Hugging Face format, or Meta's download (LLaMA/13B or LLaMA), e.g. LLaMA-13B."
+)
 @_path_option("path_diff", "The published weight diff.")
 @_path_option("path_tuned", "Where to write the recovered model (a new directory).")
 @click.option(
@@ -206,14 +216,18 @@ Example (the Open-Instruct Self-Instruct 13B diff):
     "alpaca-farm, vicuna-v0, vicuna-v1.1, llava-v0, ziya.",
 )
 @_output_options
+@_no_md5_option
 @reports_errors
-def recover(path_raw, path_diff, path_tuned, dtype, family, max_shard_size, overwrite, resume, chat_template, quiet):
+def recover(
+    path_raw, path_diff, path_tuned, dtype, family, max_shard_size, overwrite, resume, chat_template, quiet, no_md5
+):
     """Recover the tuned model: raw + diff, written to PATH_TUNED and checked."""
     from .jobs import recover as run_recover
 
     report = _run_job(
         run_recover, "recover", quiet, chat_template, path_raw, path_diff, path_tuned,
         dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, family=family,
+        verify_md5=not no_md5,
     )  # fmt: skip
     click.echo(f"family: {report.family} ({report.family_reason})")
     click.echo(_summary("recovered", report))
@@ -248,14 +262,16 @@ Example:
     "without a manifest, as theirs had none. Default: ours (float32, with a manifest).",
 )
 @_output_options
+@_no_md5_option
 @reports_errors
-def make_diff(path_raw, path_tuned, path_diff, family, max_shard_size, overwrite, resume, chat_template, quiet):
+def make_diff(path_raw, path_tuned, path_diff, family, max_shard_size, overwrite, resume, chat_template, quiet, no_md5):
     """Make a float32 diff (tuned - raw) with a checksum manifest, ready to publish."""
     from .jobs import make_diff as run_make_diff
 
     report = _run_job(
         run_make_diff, "make-diff", quiet, chat_template, path_raw, path_tuned, path_diff,
         max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, family=family,
+        verify_md5=not no_md5,
     )  # fmt: skip
     click.echo(_summary("made diff of", report))
     if report.manifest:
@@ -374,7 +390,11 @@ Examples:
 )
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
-@click.option("--no-hash", is_flag=True, help="Do not hash the files against SHA256SUMS (fast on large models).")
+@click.option(
+    "--no-hash",
+    is_flag=True,
+    help="Do not hash the files against SHA256SUMS or Meta's checklist.chk (fast on large models).",
+)
 @reports_errors
 def inspect(path, as_json, no_hash):
     """Say what PATH is: a model or a weight diff, its size, dtypes and shards, and whether its checksums match."""
@@ -418,8 +438,9 @@ Exit status: 0 when every tensor agrees within --tol, 1 when they differ, 2 when
     help="How many of the most different tensors to list.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_no_md5_option
 @reports_errors
-def compare(a, b, tol, worst, quiet):
+def compare(a, b, tol, worst, quiet, no_md5):
     """Compare models A and B tensor by tensor: missing tensors, shapes, largest differences, identical values."""
     from .compare import compare_models
 
@@ -445,7 +466,7 @@ def compare(a, b, tol, worst, quiet):
             bar.update(nbytes)
 
     try:
-        report = compare_models(a, b, tol=tol, on_total=on_total, progress=progress)
+        report = compare_models(a, b, tol=tol, on_total=on_total, progress=progress, verify_md5=not no_md5)
     except WeightDiffError as error:
         error.exit_code = 2  # as with cmp and diff: 1 says "they differ", 2 "could not compare"
         raise

@@ -21,6 +21,7 @@ import torch
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import UsageError
 from .manifest import dtype_name
+from .sources import meta
 
 BLOCK_BYTES = 16 * 2**20  # per side and block: bounded memory, large enough for fast reads
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -149,6 +150,7 @@ def compare_models(
     block_bytes: int = BLOCK_BYTES,
     on_total: Callable[[int], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    verify_md5: bool = True,
 ) -> Comparison:
     """Return the comparison of every tensor of the checkpoints in ``path_a`` and ``path_b``.
 
@@ -156,7 +158,10 @@ def compare_models(
     """
     if not tol >= 0:  # also refuses NaN
         raise UsageError(f"--tol {tol}: give a tolerance of 0 or more")
-    with Checkpoint.open(path_a) as a, Checkpoint.open(path_b) as b:
+    with (
+        Checkpoint.open(path_a, hidden_size=meta.size_hint(path_b), verify_md5=verify_md5) as a,
+        Checkpoint.open(path_b, hidden_size=meta.size_hint(path_a), verify_md5=verify_md5) as b,
+    ):
         common = [name for name in a.tensors if name in b.tensors]
         if on_total is not None:
             on_total(sum(a.tensors[n].nbytes for n in common if a.tensors[n].shape == b.tensors[n].shape))

@@ -25,6 +25,7 @@ from .files import read_json_object as _read_json
 from .manifest import RECOVERY_NAME, SUMS_NAME, Digest, Manifest, dtype_name, read_sums
 from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, format_size
 from .role import classify
+from .sources import meta
 from .tokenizer import describe as describe_tokenizer
 from .verify import check_sums
 from .xor import detect_files
@@ -37,16 +38,19 @@ class Sums:
     status: str
     files: int = 0  # files listed
     problems: list[str] = field(default_factory=list)  # "<file> (differs|missing|not listed)"
+    name: str = SUMS_NAME  # or Meta's checklist.chk (md5)
 
     def describe(self, kind: str) -> str:
         if self.status == "verified":
-            verdict = "verified copy: " if kind == "model" else ""
-            return f"{verdict}all {self.files} files match {SUMS_NAME}"
+            verdict = "verified copy: " if kind == "model" and self.name == SUMS_NAME else ""
+            return f"{verdict}all {self.files} files match {self.name}"
         if self.status == "mismatch":
-            return f"{SUMS_NAME} mismatch: {', '.join(self.problems)}"
-        if self.status == "none":
+            return f"{self.name} mismatch: {', '.join(self.problems)}"
+        if self.status == "none" and self.name == SUMS_NAME:
             return f"no {SUMS_NAME} (not written by weight-diff, or copied without it)"
-        return f"{SUMS_NAME} present, not checked"
+        if self.status == "none":
+            return f"no {self.name}"
+        return f"{self.name} present, not checked"
 
 
 @dataclass(frozen=True)
@@ -107,14 +111,15 @@ class Inspection:
 
 
 def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspection:
-    """Return what the directory holds; ``check_sums=False`` skips hashing the files against ``SHA256SUMS``."""
+    """Return what the directory holds; ``check_sums=False`` skips hashing the files against ``SHA256SUMS`` (or
+    Meta's ``checklist.chk``)."""
     directory = Path(path)
     found = detect_files(directory) if directory.is_dir() else None
     if found:
         return _xor_payload(directory, *found)
     manifest = Manifest.load(directory)
-    config = _read_json(directory / CONFIG_NAME)
-    with Checkpoint.open(directory) as checkpoint:
+    with Checkpoint.open(directory, verify_md5=check_sums) as checkpoint:
+        config = _read_json(directory / CONFIG_NAME) or checkpoint.config or {}
         kind, evidence = classify(checkpoint)
         tensors = checkpoint.tensors
         by_dtype: dict[str, int] = {}
@@ -129,7 +134,7 @@ def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspect
             manifest=manifest is not None,
             architecture=architectures[0],
             model_type=config.get("model_type"),
-            size=describe_size(tensors),
+            size=meta.describe(checkpoint) or describe_size(tensors),
             parameters=sum(info.numel for info in tensors.values()),
             tensors=len(tensors),
             dtypes=dict(sorted(by_dtype.items(), key=lambda item: -item[1])),
@@ -142,7 +147,9 @@ def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspect
             made_by=manifest.tool if manifest is not None else None,
             recovery=_read_json(directory / RECOVERY_NAME) or None,
             tokenizer=describe_tokenizer(directory),
-            sums=_check_sums(directory, checkpoint.files, hash_files=check_sums),
+            sums=_meta_sums(checkpoint, checked=check_sums)
+            if checkpoint.layout == "meta"
+            else _check_sums(directory, checkpoint.files, hash_files=check_sums),
             family=_family(checkpoint) if kind != "model" else None,
         )
 
@@ -221,6 +228,15 @@ def _has_chat_template(directory: Path) -> bool:
     if (directory / CHAT_TEMPLATE_FILE).is_file():
         return True
     return bool(_read_json(directory / "tokenizer_config.json").get("chat_template"))
+
+
+def _meta_sums(checkpoint: Checkpoint, *, checked: bool) -> Sums:
+    """Meta's checklist.chk was checked when the checkpoint opened: a mismatch would have stopped there."""
+    path = checkpoint.directory / meta.CHECKLIST_NAME
+    if not path.is_file():
+        return Sums("none", name=meta.CHECKLIST_NAME)
+    listed = len(meta.read_checklist(path))
+    return Sums("verified" if checked else "not checked", files=listed, name=f"{meta.CHECKLIST_NAME} (md5)")
 
 
 def _check_sums(directory: Path, weight_files: list[Path], *, hash_files: bool) -> Sums:

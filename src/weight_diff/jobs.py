@@ -27,6 +27,7 @@ from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, Manifest, TensorR
 from .pipeline import Hashing, Pipeline, TensorDigests
 from .plan import Plan, TensorJob, plan_pairs
 from .role import classify
+from .sources import meta
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -60,6 +61,7 @@ def recover(
     overwrite: bool = False,
     resume: bool = False,
     chat_template: str | None = None,
+    verify_md5: bool = True,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     family: str | None = None,
@@ -68,6 +70,8 @@ def recover(
 
     ``family`` names the diff family whose publisher's rule to apply (see ``families``); by default it is
     detected from the diff, and an ambiguous diff is refused with the candidates.
+
+    ``path_raw`` may be Meta's original download (``verify_md5``: check its checklist.chk first, a full read).
     """
     raw_dir, diff_dir, out = Path(path_raw), Path(path_diff), Path(path_tuned)
     output.check_location(out, [raw_dir, diff_dir], overwrite=overwrite, resume=resume)
@@ -78,8 +82,12 @@ def recover(
         reason = found[1] if found else "chosen with --family"
         return _recover_xor(raw_dir, diff_dir, out, chosen, reason, dtype, chat_template, overwrite, resume, progress)
     manifest = Manifest.load(diff_dir)
-    with Checkpoint.open(raw_dir) as raw, Checkpoint.open(diff_dir) as diff:
+    with (
+        Checkpoint.open(raw_dir, hidden_size=meta.size_hint(diff_dir), verify_md5=verify_md5) as raw,
+        Checkpoint.open(diff_dir) as diff,
+    ):
         _check_roles(raw, diff, manifest)
+        meta.check_base(raw, diff_dir, "diff")
         if rule is not None:
             reason = "chosen with --family"
         else:
@@ -213,6 +221,7 @@ def make_diff(
     overwrite: bool = False,
     resume: bool = False,
     chat_template: str | None = None,
+    verify_md5: bool = True,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     family: str | None = None,
@@ -230,10 +239,14 @@ def make_diff(
     if rule is not None and rule.name == "weight-diff":
         rule = None
     output.check_location(out, [raw_dir, tuned_dir], overwrite=overwrite, resume=resume)
-    with Checkpoint.open(raw_dir) as raw, Checkpoint.open(tuned_dir) as tuned:
+    with (
+        Checkpoint.open(raw_dir, hidden_size=meta.size_hint(tuned_dir), verify_md5=verify_md5) as raw,
+        Checkpoint.open(tuned_dir) as tuned,
+    ):
         for checkpoint, role in ((raw, "raw model"), (tuned, "tuned model")):
             if classify(checkpoint)[0] == "diff":
                 raise UsageError(f"{checkpoint.directory}: looks like a weight diff, not a {role}")
+        meta.check_base(raw, tuned_dir, "tuned model")
         plan = plan_pairs(
             raw.tensors,
             tuned.tensors,

@@ -105,7 +105,12 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 def file_sha256(path: Path) -> str:
     """Return a file's SHA-256, reading the next chunk into a reused buffer while the current one is hashed."""
-    hasher = hashlib.sha256()
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """Return a file's hex digest by ``algorithm`` ("sha256", or "md5" for Meta's checklist.chk)."""
+    hasher = hashlib.new(algorithm)
     buffers = [bytearray(HASH_CHUNK), bytearray(HASH_CHUNK)]
     with path.open("rb", buffering=0) as file, ThreadPoolExecutor(1) as reader:
         pending = reader.submit(file.readinto, buffers[0])

@@ -20,6 +20,7 @@ import functools
 import io
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ __all__ = [
     "build_tokenizer",
     "make_raw_and_tuned",
     "save_checkpoint",
+    "save_meta_dir",
     "save_model_dir",
     "tiny_config",
     "train_sentencepiece",
@@ -508,3 +510,103 @@ def make_raw_and_tuned(
         dtype=tuned_dtype,
     )
     return raw_dir, tuned_dir
+
+
+# Hugging Face name (after "model.layers.N.") -> Meta's name and the dimension Meta's model-parallel shards split.
+_META_LAYER = {
+    "self_attn.q_proj.weight": ("attention.wq.weight", 0),
+    "self_attn.k_proj.weight": ("attention.wk.weight", 0),
+    "self_attn.v_proj.weight": ("attention.wv.weight", 0),
+    "self_attn.o_proj.weight": ("attention.wo.weight", 1),
+    "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0),
+    "mlp.down_proj.weight": ("feed_forward.w2.weight", 1),
+    "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
+    "input_layernorm.weight": ("attention_norm.weight", None),
+    "post_attention_layernorm.weight": ("ffn_norm.weight", None),
+}
+_META_TOP = {
+    "model.embed_tokens.weight": ("tok_embeddings.weight", 1),
+    "model.norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("output.weight", 0),
+}
+
+
+def meta_pieces(name: str, tensor: torch.Tensor, *, n_heads: int, shards: int) -> tuple[str, list[torch.Tensor]]:
+    """Return Meta's name for a Hugging Face LLaMA tensor and its piece in each of Meta's model-parallel shards.
+
+    The inverse of the 2023 conversion: q and k rows go back to Meta's rotary order (within a head, Meta row
+    ``2 * b + a`` is Hugging Face row ``a * d/2 + b``), then tensors are cut along the dimension Meta's shards
+    split (norms are whole in every shard).
+    """
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if match:
+        meta_leaf, dim = _META_LAYER[match.group(2)]
+        meta_name = f"layers.{match.group(1)}.{meta_leaf}"
+    else:
+        meta_name, dim = _META_TOP[name]
+    if meta_name.endswith(("wq.weight", "wk.weight")):
+        rows, width = tensor.shape
+        tensor = tensor.reshape(n_heads, 2, rows // n_heads // 2, width).transpose(1, 2).reshape(rows, width)
+    if dim is None:
+        return meta_name, [tensor.clone() for _ in range(shards)]
+    return meta_name, [piece.clone() for piece in tensor.chunk(shards, dim=dim)]
+
+
+def save_meta_dir(
+    directory: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    config: Any,
+    shards: int,
+    norm_eps: float | None = None,
+    checklist: bool = True,
+) -> Path:
+    """Write ``tensors`` (a Hugging Face LLaMA's, read on demand) in the layout of Meta's original download.
+
+    ``directory`` gets ``params.json``, ``consolidated.NN.pth`` (one ``torch.save`` zip per shard, each layer's
+    tensors views of one storage, as in Meta's files, plus ``rope.freqs``) and, with ``checklist``, the
+    ``checklist.chk`` of md5 sums Meta ships. One shard is held in memory at a time.
+    """
+    import hashlib
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    n_heads = config.num_attention_heads
+    head_dim = config.hidden_size // n_heads
+    params = {
+        "dim": config.hidden_size,
+        "multiple_of": 256,
+        "n_heads": n_heads,
+        "n_layers": config.num_hidden_layers,
+        "norm_eps": config.rms_norm_eps if norm_eps is None else norm_eps,
+        "vocab_size": -1,
+    }
+    (directory / "params.json").write_text(json.dumps(params))
+    rope = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    for shard in range(shards):
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for name in tensors:
+            meta_name, pieces = meta_pieces(name, tensors[name], n_heads=n_heads, shards=shards)
+            group = ".".join(meta_name.split(".")[:2]) if meta_name.startswith("layers.") else meta_name
+            groups.setdefault(group, {})[meta_name] = pieces[shard]
+        state: dict[str, torch.Tensor] = {}
+        for members in groups.values():
+            flat = torch.cat([t.reshape(-1) for t in members.values()])
+            offset = 0
+            for meta_name, piece in members.items():
+                state[meta_name] = flat[offset : offset + piece.numel()].view(piece.shape)
+                offset += piece.numel()
+        state["rope.freqs"] = rope.clone()
+        torch.save(state, directory / f"consolidated.{shard:02d}.pth")
+        del state, groups
+    if checklist:
+        lines = []
+        for path in sorted(directory.iterdir()):
+            if path.name.startswith("consolidated.") or path.name == "params.json":
+                digest = hashlib.md5()
+                with path.open("rb") as file:
+                    while chunk := file.read(2**24):
+                        digest.update(chunk)
+                lines.append(f"{digest.hexdigest()}  {path.name}\n")
+        (directory / "checklist.chk").write_text("".join(lines))
+    return directory
