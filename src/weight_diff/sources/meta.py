@@ -291,8 +291,8 @@ def open_meta(directory: Path, *, hidden_size: int | None = None, verify_md5: bo
     if not params_path.is_file():
         raise CheckpointError(f"{params_path}: missing; Meta's size directory holds it beside consolidated.*.pth")
     params = MetaParams.read(params_path)
-    shards = _shard_files(directory)
     check_checklist(directory, verify_md5=verify_md5)
+    shards = _shard_files(directory)
     pieces = [_read_shard(path) for path in shards]
     tensors = _assemble(directory, params, shards, pieces)
     config = hf_config(params, tensors)
