@@ -12,11 +12,17 @@ subprocess so that peak RSS is per run, with the page cache of the inputs droppe
 It checks that ours and the original give the same tensors, and prints a Markdown table plus an extrapolation
 to the full 40-layer depth.
 
+With `--meta` it also builds the raw model in the layout of Meta's original download (`meta/13B`: params.json,
+checklist.chk, two `consolidated.0i.pth` model-parallel shards, cut from the `.bin` raw model) and times recover
+from it, with and without the md5 check of checklist.chk, against recover from the `.bin`; both outputs must be
+bit-identical.
+
 Usage:
     python scripts/bench.py --quick                 # small widths, seconds
     python scripts/bench.py --layers 2              # LLaMA-13B widths, 2 layers: minutes, ~8 GB for the original
     python scripts/bench.py --layers 4 --original-layers 2 --out bench.md
     python scripts/bench.py --layers 8 --skip-original --repeat 3
+    python scripts/bench.py --layers 6 --skip-original --skip-manifest --meta   # Meta's format against .bin
 
 Shards are 1 GB (real ones are ~10 GB) so that building needs little memory; built checkpoints are cached in
 --cache-dir (default bench-cache/) by widths and depth. Every run starts with the page cache dropped.
@@ -50,6 +56,8 @@ ORIGINAL_SCRIPT = REPO / "scripts" / "original_weight_diff.py"
 FULL_LAYERS = 40
 BUILD_FORMAT = 2  # bump when the synthetic layout changes, so cached checkpoints are rebuilt
 MARKER = "BENCH_COMPLETE.json"
+META_MARKER = "META_COMPLETE.json"
+META_SHARDS = 2  # LLaMA-13B's model-parallel shards
 GB = 10**9
 GIB = 2**30
 
@@ -228,6 +236,40 @@ def _build(widths: Widths, layers: int, root: Path) -> None:
         (root / "diff" / name).write_text("Synthetic benchmark checkpoint: no licence terms.\n")
     os.sync()
     (root / MARKER).write_text(json.dumps(_marker(widths, layers)) + "\n")
+
+
+def _build_meta(root: Path) -> None:
+    """Build `root/meta/13B` from `root/raw`, one tensor read at a time (through weight-diff's reader)."""
+    from weight_diff.checkpoint import Checkpoint
+    from weight_diff.tiny_llama import save_meta_dir, tiny_config
+
+    config = json.loads((root / "raw" / "config.json").read_text())
+    shape = {k: config[k] for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "rms_norm_eps")}
+    with Checkpoint.open(root / "raw") as raw:
+
+        class Lazy(dict):
+            def __getitem__(self, name: str):
+                info = raw.tensors[name]
+                return raw.read_rows(info, 0, info.rows).clone()
+
+        tensors = Lazy.fromkeys(raw.tensors)
+        save_meta_dir(root / "meta" / "13B", tensors, config=tiny_config(**shape), shards=META_SHARDS)
+    os.sync()
+    (root / "meta" / META_MARKER).write_text(json.dumps({"format": BUILD_FORMAT, "shards": META_SHARDS}) + "\n")
+
+
+def ensure_meta(root: Path) -> tuple[Path, str]:
+    """Meta's layout of the cached raw model, built (in a subprocess) unless complete already; and what was done."""
+    meta = root / "meta"
+    marker = meta / META_MARKER
+    if marker.exists() and json.loads(marker.read_text()) == {"format": BUILD_FORMAT, "shards": META_SHARDS}:
+        return meta / "13B", "cached"
+    shutil.rmtree(meta, ignore_errors=True)
+    log(f"building {root.name}/meta (Meta's layout, {META_SHARDS} shards) ...")
+    start = time.perf_counter()
+    if subprocess.run([sys.executable, __file__, "_build_meta", str(root)], check=False, env=_child_env()).returncode:
+        raise SystemExit(f"bench: building {meta} failed (see above)")
+    return meta / "13B", f"built in {time.perf_counter() - start:.0f} s"
 
 
 def _marker(widths: Widths, layers: int) -> dict:
@@ -588,6 +630,28 @@ class Bench:
             return
         self.comparisons[layers] = json.loads(done.stdout)
 
+    def meta_runs(self, layers: int, root: Path, ours: Path) -> None:
+        """Recover from Meta's layout of the same raw model, md5-checked and not; both must equal recover from .bin."""
+        meta, how = ensure_meta(root)
+        self.notes.append(f"Meta-format raw at {layers} layers: {how} ({meta}).")
+        for name, extra in (("ours from Meta, --no-md5", ["--no-md5"]), ("ours from Meta, md5 checked", [])):
+            out_dir = self.out / f"ours-meta-{layers}L"
+            cmd = [*ours_command(meta, root / "diff", out_dir), *extra]
+            run = self._timed_run(name, layers, root, cmd, out_dir, inputs=[meta, root / "diff"])
+            if run.ok:
+                same = subprocess.run(
+                    [*our_cli(), "compare", str(out_dir), str(ours), "--quiet"],
+                    capture_output=True,
+                    text=True,
+                    cwd=REPO,
+                    env=_child_env(),
+                )
+                verdict = "bit-identical to" if same.returncode == 0 else "DIFFERENT from"
+                self.notes.append(f"{name} at {layers} layers: output {verdict} recover from the .bin raw.")
+                if same.returncode != 0:
+                    run.status = "output differs from recover from .bin"
+            shutil.rmtree(out_dir, ignore_errors=True)
+
     def original_fits(self, layers: int) -> bool:
         """Whether the original's two fp32 models fit in available memory (it measured ~1.03x that here)."""
         need = 2 * checkpoint_bytes(self.widths, layers)["diff"] * 1.05
@@ -613,6 +677,8 @@ class Bench:
             self.notes.append(f"Checkpoint {root.name}: {how} ({root}).")
             self.floor(depth, root)
             ours = self.contender("ours", depth, root)
+            if ours and self.args.meta:
+                self.meta_runs(depth, root, ours)
             if ours and not self.args.skip_manifest:
                 self.publish_cycle(depth, root, ours)
             if depth == k and not self.args.skip_original and self.original_fits(depth):
@@ -813,6 +879,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--skip-manifest", action="store_true", help="do not time make-diff and the manifest-checked recover"
     )
+    parser.add_argument(
+        "--meta", action="store_true", help="also recover from the raw in Meta's original layout (2 shards)"
+    )
     parser.add_argument("--cache-dir", default=str(REPO / "bench-cache"), help="built checkpoints and outputs")
     parser.add_argument("--out", help="also write the Markdown report to this file")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each kind; the fastest counts (default 1)")
@@ -826,7 +895,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def internal(argv: list[str]) -> None:
-    """The subprocess entry points: `_build`, `_floor` and `_compare`."""
+    """The subprocess entry points: `_build`, `_build_meta`, `_floor` and `_compare`."""
     # Python put scripts/ first on sys.path, where scripts/weight_diff.py would shadow the weight_diff package.
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
@@ -840,6 +909,8 @@ def internal(argv: list[str]) -> None:
     floor.add_argument("inputs", type=Path, nargs="+")
     floor.add_argument("--out-file", type=Path, required=True)
     floor.add_argument("--write-bytes", type=int, required=True)
+    build_meta = sub.add_parser("_build_meta")
+    build_meta.add_argument("root", type=Path)
     compare = sub.add_parser("_compare")
     compare.add_argument("ours", type=Path)
     compare.add_argument("original", type=Path)
@@ -847,6 +918,8 @@ def internal(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.what == "_build":
         _build(WIDTHS[args.widths], args.layers, args.root)
+    elif args.what == "_build_meta":
+        _build_meta(args.root)
     elif args.what == "_floor":
         print(json.dumps(_floor(args.inputs, args.out_file, args.write_bytes)))
     else:

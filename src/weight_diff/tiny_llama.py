@@ -583,22 +583,27 @@ def save_meta_dir(
     }
     (directory / "params.json").write_text(json.dumps(params))
     rope = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    groups: dict[str, list[str]] = {}  # a layer's tensors share one storage in Meta's files
+    for name in tensors:
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        groups.setdefault(f"layers.{layer.group(1)}" if layer else name, []).append(name)
     for shard in range(shards):
-        groups: dict[str, dict[str, torch.Tensor]] = {}
-        for name in tensors:
-            meta_name, pieces = meta_pieces(name, tensors[name], n_heads=n_heads, shards=shards)
-            group = ".".join(meta_name.split(".")[:2]) if meta_name.startswith("layers.") else meta_name
-            groups.setdefault(group, {})[meta_name] = pieces[shard]
         state: dict[str, torch.Tensor] = {}
-        for members in groups.values():
+        for names in groups.values():
+            members = {}
+            for name in names:
+                meta_name, pieces = meta_pieces(name, tensors[name], n_heads=n_heads, shards=shards)
+                members[meta_name] = pieces[shard]
+                del pieces
             flat = torch.cat([t.reshape(-1) for t in members.values()])
             offset = 0
             for meta_name, piece in members.items():
                 state[meta_name] = flat[offset : offset + piece.numel()].view(piece.shape)
                 offset += piece.numel()
+            del members
         state["rope.freqs"] = rope.clone()
         torch.save(state, directory / f"consolidated.{shard:02d}.pth")
-        del state, groups
+        del state
     if checklist:
         lines = []
         for path in sorted(directory.iterdir()):
