@@ -3,6 +3,9 @@
 Reading never maps a whole file into the process: tensor bytes are copied with ``pread`` into buffers the caller
 reuses, so the page cache does not pile up in our RSS however large the shards are.
 
+Meta's original LLaMA download opens here too; ``sources/meta.py`` gives its tensor table as the 2023 conversion's,
+each tensor's rows gathered from the model-parallel shards by an ``Assembly``.
+
 >>> with Checkpoint.open("llama-13b-hf") as raw:
 ...     info = raw.tensors["model.embed_tokens.weight"]
 ...     first_rows = raw.read_rows(info, 0, 16)

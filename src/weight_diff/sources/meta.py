@@ -122,11 +122,11 @@ class MetaParams:
 
 def is_meta_dir(directory: Path) -> bool:
     """Return True for a Meta size directory, or a parent holding such directories and no Hugging Face model."""
-    if (directory / PARAMS_NAME).is_file() or any(directory.glob("consolidated.*.pth")):
+    if any(directory.glob("consolidated.*.pth")):
         return True
-    if (directory / "config.json").is_file():
+    if (directory / "config.json").is_file():  # a Hugging Face model, whatever else lies beside it
         return False
-    return bool(_size_dirs(directory))
+    return (directory / PARAMS_NAME).is_file() or bool(_size_dirs(directory))
 
 
 def _size_dirs(parent: Path) -> list[Path]:
