@@ -24,6 +24,7 @@ from weight_diff.errors import CheckpointError, IntegrityError, PlanError
 from weight_diff.inspect_dir import inspect_path
 from weight_diff.jobs import make_diff, recover
 from weight_diff.manifest import Manifest
+from weight_diff.plan import format_size
 from weight_diff.sources.meta import rotary_rows
 from weight_diff.tiny_llama import save_meta_dir, tiny_config
 
@@ -208,17 +209,22 @@ def test_llama_2_is_told_apart_from_llama_1(meta_dirs, made_diff, tmp_path):
 
 def test_cli_recovers_from_meta_and_names_errors_in_one_line(meta_dirs, made_diff, tmp_path):
     def cli(*args: object):
-        return CliRunner().invoke(main, ["recover", "-q", *(str(arg) for arg in args)])
+        return CliRunner().invoke(main, ["recover", *(str(arg) for arg in args)])
 
-    done = cli("--path_raw", meta_dirs[2], "--path_diff", made_diff, "--path_tuned", tmp_path / "a")
+    done = cli("--path_raw", meta_dirs[2].parent, "--path_diff", made_diff, "--path_tuned", tmp_path / "a")
     assert done.exit_code == 0, done.output
     assert "verified: 21 tensors match the publisher's manifest" in done.stdout
+    listed = [*meta_dirs[2].glob("consolidated.*.pth"), meta_dirs[2] / "params.json"]
+    to_read = format_size(sum(path.stat().st_size for path in listed))
+    sums = f"checking the md5 sums of Meta's checklist.chk ({to_read} to read; --no-md5 skips)"
+    assert sums in done.stderr
     size_dir = meta_copy(meta_dirs[2], tmp_path)
     (size_dir / "consolidated.01.pth").unlink()
-    failed = cli("--path_raw", size_dir, "--path_diff", made_diff, "--path_tuned", tmp_path / "b")
+    failed = cli("--path_raw", size_dir, "--path_diff", made_diff, "--path_tuned", tmp_path / "b", "-q")
     assert failed.exit_code == 1
     assert failed.stderr.strip().splitlines() == [
         f"error: {size_dir / 'consolidated.01.pth'}: missing (listed in checklist.chk); download it again"
     ]
     skipped = cli("--path_raw", meta_dirs[1], "--path_diff", made_diff, "--path_tuned", tmp_path / "c", "--no-md5")
     assert skipped.exit_code == 0, skipped.output
+    assert "md5" not in skipped.stderr

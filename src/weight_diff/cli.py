@@ -156,6 +156,17 @@ class _Progress:
 
 def _run_job(job: Callable, label: str, quiet: bool, chat_template: str | None, *paths: Path, **options):
     """Return a job's report, run with a progress bar in bytes (unless quiet) and the chosen chat template."""
+    if not quiet and options.get("verify_md5"):
+        from .sources.meta import CHECKLIST_NAME, md5_bytes
+
+        nbytes = md5_bytes(paths[0], paths[1])
+        if nbytes:
+            from .plan import format_size
+
+            click.echo(
+                f"checking the md5 sums of Meta's {CHECKLIST_NAME} ({format_size(nbytes)} to read; --no-md5 skips)",
+                err=True,
+            )
     progress = _Progress(quiet, label)
     try:
         return job(

@@ -331,6 +331,20 @@ def read_checklist(path: Path) -> dict[str, str]:
     return listed
 
 
+def md5_bytes(path: str | Path, other_dir: str | Path) -> int:
+    """Return how many bytes opening ``path`` as the raw model will md5 (0: not Meta's, no checklist.chk, or
+    unreadable: opening it will say why). Lets the command line say why it is busy before the tensors flow."""
+    path = Path(path)
+    try:
+        if not path.is_dir() or not is_meta_dir(path):
+            return 0
+        directory = pick_size_dir(path, size_hint(other_dir))
+        listed = read_checklist(directory / CHECKLIST_NAME) if (directory / CHECKLIST_NAME).is_file() else {}
+        return sum((directory / name).stat().st_size for name in listed if (directory / name).is_file())
+    except (OSError, CheckpointError):
+        return 0
+
+
 def check_checklist(directory: Path, *, verify_md5: bool) -> None:
     """Refuse a file that checklist.chk lists and the directory lacks, or (``verify_md5``) whose md5 differs."""
     path = directory / CHECKLIST_NAME
