@@ -187,6 +187,14 @@ def test_a_flipped_byte_fails_the_md5_and_without_it_the_manifest(meta_dirs, mad
     assert not (tmp_path / "out" / "config.json").exists()
 
 
+def test_a_checklist_naming_files_elsewhere_is_refused_before_reading_them(meta_dirs, tmp_path):
+    size_dir = meta_copy(meta_dirs[1], tmp_path)
+    with (size_dir / "checklist.chk").open("a") as checklist:
+        checklist.write(f"{'0' * 32}  ../../secret\n")
+    with pytest.raises(CheckpointError, match=r"checklist\.chk:3: names '\.\./\.\./secret', not a file of this"):
+        Checkpoint.open(size_dir)
+
+
 def test_shards_of_different_downloads_are_refused(meta_dirs, tmp_path):
     size_dir = meta_copy(meta_dirs[2], tmp_path)
     (size_dir / "checklist.chk").unlink()

@@ -327,6 +327,8 @@ def read_checklist(path: Path) -> dict[str, str]:
         name = name.strip().lstrip("*")
         if len(digest) != 32 or not name or any(c not in "0123456789abcdefABCDEF" for c in digest):
             raise CheckpointError(f"{path}:{number}: not an md5sum line: {line[:80]!r}; download it again")
+        if "/" in name or "\\" in name or name in (".", ".."):  # only files beside it: nothing else is read
+            raise CheckpointError(f"{path}:{number}: names {name!r}, not a file of this directory; download it again")
         listed[name] = digest.lower()
     return listed
 
