@@ -35,6 +35,7 @@ import torch
 
 from ..checkpoint import DIRECT_ALIGN, Checkpoint, TensorInfo, aligned_bytes, read_bin_header
 from ..errors import CheckpointError, PlanError
+from ..files import CONFIG_NAME, read_json_object
 from ..manifest import file_digest
 
 PARAMS_NAME = "params.json"
@@ -124,7 +125,7 @@ def is_meta_dir(directory: Path) -> bool:
     """Return True for a Meta size directory, or a parent holding such directories and no Hugging Face model."""
     if any(directory.glob("consolidated.*.pth")):
         return True
-    if (directory / "config.json").is_file():  # a Hugging Face model, whatever else lies beside it
+    if (directory / CONFIG_NAME).is_file():  # a Hugging Face model, whatever else lies beside it
         return False
     return (directory / PARAMS_NAME).is_file() or bool(_size_dirs(directory))
 
@@ -137,18 +138,9 @@ def _size_dirs(parent: Path) -> list[Path]:
     return [child for child in children if (child / PARAMS_NAME).is_file() or any(child.glob("consolidated.*.pth"))]
 
 
-def _read_config(directory: str | Path) -> dict:
-    """Return a model directory's config.json, or {} when it has none readable (the checks then say nothing)."""
-    try:
-        body = json.loads((Path(directory) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
 def size_hint(directory: str | Path) -> int | None:
     """Return the hidden size a model directory's config.json states (to pick a Meta size), None if it does not."""
-    value = _read_config(directory).get("hidden_size")
+    value = read_json_object(Path(directory) / CONFIG_NAME).get("hidden_size")
     return value if isinstance(value, int) else None
 
 
@@ -518,7 +510,7 @@ def check_base(raw: Checkpoint, other_dir: str | Path, role: str) -> None:
     if raw.layout != "meta" or raw.config is None:
         return
     params = MetaParams.read(raw.directory / PARAMS_NAME)
-    config = _read_config(other_dir)
+    config = read_json_object(Path(other_dir) / CONFIG_NAME)
     eps = config.get("rms_norm_eps")
     if isinstance(eps, (int, float)) and not math.isclose(float(eps), params.norm_eps, rel_tol=1e-6):
         made_from = {LLAMA1_EPS: "LLaMA-1", LLAMA2_EPS: "LLaMA-2"}
