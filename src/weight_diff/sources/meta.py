@@ -80,7 +80,6 @@ class MetaParams:
     norm_eps: float
     n_kv_heads: int | None
     rope_theta: float | None
-    vocab_size: int
 
     @classmethod
     def read(cls, path: Path) -> MetaParams:
@@ -93,7 +92,6 @@ class MetaParams:
                 norm_eps=float(body["norm_eps"]),
                 n_kv_heads=int(body["n_kv_heads"]) if body.get("n_kv_heads") is not None else None,
                 rope_theta=float(body["rope_theta"]) if body.get("rope_theta") is not None else None,
-                vocab_size=int(body.get("vocab_size", -1)),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(
