@@ -140,7 +140,7 @@ def test_the_parent_of_several_sizes_picks_the_size_the_diff_needs(meta_dirs, bu
     save_meta_dir(parent / "7B", load_tensors(small_raw), config=tiny_config(hidden_size=32), shards=1)
 
     assert recover(parent, made_diff, tmp_path / "out").verified
-    with pytest.raises(CheckpointError, match=r"holds several sizes \(13B, 7B\); give the one you mean, e.g. "):
+    with pytest.raises(CheckpointError, match=r"holds several sizes \(7B, 13B\); give the one you mean, e.g. "):
         inspect_path(parent)
     with pytest.raises(PlanError, match=r"describes LLaMA-1 of dim 32 .* the diff is of hidden size 64 and 2 layers"):
         recover(parent / "7B", made_diff, tmp_path / "out2")

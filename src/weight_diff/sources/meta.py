@@ -133,7 +133,8 @@ def _size_dirs(parent: Path) -> list[Path]:
         children = sorted(p for p in parent.iterdir() if p.is_dir())
     except OSError:
         return []
-    return [child for child in children if (child / PARAMS_NAME).is_file() or any(child.glob("consolidated.*.pth"))]
+    sizes = [child for child in children if (child / PARAMS_NAME).is_file() or any(child.glob("consolidated.*.pth"))]
+    return sorted(sizes, key=lambda child: (int(re.match(r"\d*", child.name).group() or 0), child.name))  # 7B, 13B
 
 
 def size_hint(directory: str | Path) -> int | None:
