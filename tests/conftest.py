@@ -87,3 +87,66 @@ def legacy_diff(pair, original, tmp_path_factory):
     raw, tuned = pair
     out = tmp_path_factory.mktemp("legacy") / "diff"
     return original.make_diff(raw, tuned, out, added_rows="mean", fmt="bin", shards=2)
+
+
+def _train(model, ids: torch.Tensor, *, seed: int, steps: int, lr: float, batch: int = 4, length: int = 256):
+    """Train ``model`` in place for ``steps`` AdamW steps on random windows of ``ids`` (next-token loss)."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - length - 1, (batch,), generator=generator)
+        windows = torch.stack([ids[s : s + length] for s in starts])
+        loss = model(input_ids=windows, labels=windows).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, original):
+    """Tiny LLaMAs trained for real, so perplexity means something (a few seconds of CPU).
+
+    ``raw``: 200 steps on English (tiny_llama's corpus and the quality text), float16 like LLaMA's release;
+    ``tuned``: raw fine-tuned 40 more steps on instruction-formatted text, saved in float16 as most fine-tunes
+    are; ``other_raw``: the same recipe from another seed, a base of the right shape and family that is not the
+    one; ``diff``: the 2023-style diff (float32 ``.bin``, no manifest) of tuned against raw.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model: threads only contend (7 engineers share 2 cores)
+    try:
+        return _train_family(tmp_path_factory.mktemp("trained"), original)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_family(workdir: Path, original):
+    from types import SimpleNamespace
+
+    from transformers import LlamaForCausalLM
+
+    from weight_diff.quality import QUALITY_TEXT
+    from weight_diff.tiny_llama import CORPUS, build_tokenizer, save_model_dir, tiny_config
+
+    config = tiny_config()
+    tokenizer = build_tokenizer(config.vocab_size)
+    english = torch.tensor(tokenizer(CORPUS + QUALITY_TEXT)["input_ids"])
+    chat = "".join(f"<|user|>\n{line}\n<|assistant|>\n{line}\n" for line in CORPUS.splitlines())
+    instructions = torch.tensor(tokenizer(chat + QUALITY_TEXT)["input_ids"])
+
+    dirs = {}
+    for name, seed in (("raw", 0), ("other_raw", 1)):
+        torch.manual_seed(seed)
+        model = _train(LlamaForCausalLM(config), english, seed=seed, steps=200, lr=5e-3)
+        state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        dirs[name] = save_model_dir(workdir / name, state_dict=state, config=config, tokenizer=tokenizer,
+                                    dtype=torch.float16)  # fmt: skip
+        if name == "raw":
+            tuned = LlamaForCausalLM(config)
+            tuned.load_state_dict({n: t.to(torch.float16).float() for n, t in state.items()})  # from the stored base
+            _train(tuned, instructions, seed=2, steps=40, lr=5e-4)
+            dirs["tuned"] = save_model_dir(workdir / "tuned", state_dict=tuned.state_dict(), config=config,
+                                           tokenizer=tokenizer, dtype=torch.float16)  # fmt: skip
+    dirs["diff"] = original.make_diff(dirs["raw"], dirs["tuned"], workdir / "diff", fmt="bin")
+    return SimpleNamespace(**dirs)

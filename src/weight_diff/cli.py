@@ -65,7 +65,7 @@ def reports_errors(command: Callable) -> Callable:
                 raise
             where = f"{error.filename}: " if error.filename else ""
             raise _Stop(f"{where}{error.strerror or error}", 1) from None
-        except (click.ClickException, click.Abort, SystemExit):
+        except (click.ClickException, click.Abort, click.exceptions.Exit, SystemExit):
             raise
         except Exception as error:  # a bug or a case nobody foresaw: still one line, and how to learn more
             if debug:
@@ -117,6 +117,31 @@ _no_md5_option = click.option(
     is_flag=True,
     help="Skip the md5 check of Meta's checklist.chk (a full read of the raw model) when the raw is Meta's download.",
 )
+
+
+_ignore_checks_option = click.option(
+    "--ignore-checks",
+    "--ignore_checks",
+    is_flag=True,
+    help="Go on although a plausibility check found that raw is not the base (config, precision).",
+)
+
+
+class _Findings:
+    """Prints the plausibility checks' warnings as they come (before the first write) and the rest at the end."""
+
+    def __init__(self) -> None:
+        self.warned: set[str] = set()
+
+    def early(self, finding) -> None:
+        if finding.severity != "pass":
+            click.echo(f"warning: {finding.message}", err=True)
+            self.warned.add(finding.check)
+
+    def late(self, findings) -> None:
+        for finding in findings:
+            if finding.severity != "pass" and finding.check not in self.warned:
+                self.early(finding)
 
 
 def _output_options(command: Callable) -> Callable:
@@ -228,18 +253,35 @@ Example (the Open-Instruct Self-Instruct 13B diff):
 )
 @_output_options
 @_no_md5_option
+@_ignore_checks_option
+@click.option(
+    "--check-quality",
+    "--check_quality",
+    is_flag=True,
+    help="After recovery, compare the perplexity of the recovered and the raw model on a short English text "
+    "(one weight tensor at a time, flat memory; about 3.5 minutes at 13B on 2 cores).",
+)
 @reports_errors
 def recover(
-    path_raw, path_diff, path_tuned, dtype, family, max_shard_size, overwrite, resume, chat_template, quiet, no_md5
-):
+    path_raw, path_diff, path_tuned, dtype, family, max_shard_size, overwrite, resume, chat_template, quiet, no_md5,
+    ignore_checks, check_quality,
+):  # fmt: skip
     """Recover the tuned model: raw + diff, written to PATH_TUNED and checked."""
+    from .checks import QUALITY, final_line
     from .jobs import recover as run_recover
 
+    shown = _Findings()
     report = _run_job(
         run_recover, "recover", quiet, chat_template, path_raw, path_diff, path_tuned,
         dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, family=family,
-        verify_md5=not no_md5,
+        verify_md5=not no_md5, ignore_checks=ignore_checks, on_finding=shown.early,
     )  # fmt: skip
+    findings = list(report.findings)
+    if check_quality:
+        from .quality import check_quality as run_quality
+
+        findings.append(run_quality(path_raw, report.out_dir).finding)
+    shown.late(findings)
     click.echo(f"family: {report.family} ({report.family_reason})")
     click.echo(_summary("recovered", report))
     for check in report.checks:
@@ -248,10 +290,13 @@ def recover(
         against = "manifest" if report.unit == "tensors" else "checksum list"
         click.echo(f"verified: {report.tensors} {report.unit} match the publisher's {against}")
     else:
-        click.echo(
-            "not verified: the diff has no manifest, so the result could not be checked against the publisher; "
-            f"{report.out_dir / 'SHA256SUMS'} lets you check this copy later"
-        )
+        for finding in findings:
+            if finding.severity == "pass":
+                click.echo(finding.message)
+        click.echo(f"{report.out_dir / 'SHA256SUMS'} lets you check this copy later")
+        click.echo(final_line(verified=False, findings=findings, tensors=report.tensors))
+    if any(f.check == QUALITY and f.severity != "pass" for f in findings):
+        raise SystemExit(1)  # the check asked for failed: status 1, the warning above is the last line
 
 
 @main.command(
@@ -274,16 +319,22 @@ Example:
 )
 @_output_options
 @_no_md5_option
+@_ignore_checks_option
 @reports_errors
-def make_diff(path_raw, path_tuned, path_diff, family, max_shard_size, overwrite, resume, chat_template, quiet, no_md5):
+def make_diff(
+    path_raw, path_tuned, path_diff, family, max_shard_size, overwrite, resume, chat_template, quiet, no_md5,
+    ignore_checks,
+):  # fmt: skip
     """Make a float32 diff (tuned - raw) with a checksum manifest, ready to publish."""
     from .jobs import make_diff as run_make_diff
 
+    shown = _Findings()
     report = _run_job(
         run_make_diff, "make-diff", quiet, chat_template, path_raw, path_tuned, path_diff,
         max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, family=family,
-        verify_md5=not no_md5,
+        verify_md5=not no_md5, ignore_checks=ignore_checks, on_finding=shown.early,
     )  # fmt: skip
+    shown.late(report.findings)
     click.echo(_summary("made diff of", report))
     if report.manifest:
         click.echo(f"manifest: weight-diff-manifest.json covers {report.tensors} tensors; publish the whole directory")

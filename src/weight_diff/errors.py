@@ -33,6 +33,10 @@ class IntegrityError(WeightDiffError):
     """A checksum did not match: the inputs or the output are not what the publisher made."""
 
 
+class PlausibilityError(WeightDiffError):
+    """Certain evidence that raw is not the base the diff (or the fine-tune) was made from; nothing was written."""
+
+
 class DiskFullError(WeightDiffError):
     """The disk filled up while writing; nothing half-written was left looking whole."""
 

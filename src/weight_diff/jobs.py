@@ -22,6 +22,7 @@ import torch
 
 from . import __version__, families, files, output, tokenizer, xor
 from .checkpoint import Checkpoint
+from .checks import Finding, Plausibility
 from .errors import IntegrityError, UsageError
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, Manifest, TensorRecord, dtype_name, format_sums
 from .pipeline import Hashing, Pipeline, TensorDigests
@@ -49,6 +50,7 @@ class RunReport:
     unit: str = "tensors"  # what ``tensors`` counts: "files" for XOR families
     family_reason: str | None = None  # why that family
     checks: tuple[str, ...] = ()  # the family's own checks, as passed
+    findings: tuple[Finding, ...] = ()  # the plausibility checks on everything read (checks.py)
 
 
 def recover(
@@ -65,6 +67,8 @@ def recover(
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     family: str | None = None,
+    ignore_checks: bool = False,
+    on_finding: Callable[[Finding], None] | None = None,
 ) -> RunReport:
     """Return the report of writing raw + diff to ``path_tuned`` in Hugging Face format, checked when possible.
 
@@ -100,7 +104,12 @@ def recover(
         if manifest is not None:
             check_manifest_covers(manifest, plan)
         tokens = tokenizer.prepare(diff_dir)  # built and checked before the first write
-        config = tokens.config_with_pad(files.config_with_dtype(files.read_config(diff_dir), plan.dtype))
+        diff_config = files.read_config(diff_dir)
+        plausibility = _check_before_writing(
+            plan, raw, diff, diff_config, "diff", has_manifest=manifest is not None, ignore=ignore_checks,
+            on_finding=on_finding,
+        )  # fmt: skip
+        config = tokens.config_with_pad(files.config_with_dtype(diff_config, plan.dtype))
         expected = families.expected_sum(rule, diff_dir)
         sums: dict[str, float] = {}
         checks: list[str] = []
@@ -134,6 +143,7 @@ def recover(
             progress=progress,
             on_plan=on_plan,
             has_manifest=manifest is not None,
+            plausibility=plausibility,
         )
         return replace(report, family=rule.name, family_reason=reason, checks=tuple(checks))
 
@@ -225,6 +235,8 @@ def make_diff(
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     family: str | None = None,
+    ignore_checks: bool = False,
+    on_finding: Callable[[Finding], None] | None = None,
 ) -> RunReport:
     """Return the report of writing the float32 diff tuned - raw, with its manifest, to ``path_diff``.
 
@@ -255,6 +267,11 @@ def make_diff(
             max_shard_size=max_shard_size,
             family=rule,
         )
+        tuned_config = files.read_config(tuned_dir)
+        plausibility = _check_before_writing(
+            plan, raw, tuned, tuned_config, "tuned model", has_manifest=False, ignore=ignore_checks,
+            on_finding=on_finding,
+        )  # fmt: skip
         records: dict[str, TensorRecord] = {}
 
         def on_tensor(job: TensorJob, digests: TensorDigests) -> None:
@@ -268,7 +285,7 @@ def make_diff(
             return manifest.to_json().encode()
 
         tokens = tokenizer.prepare(tuned_dir)
-        config = tokens.config_with_pad(files.config_with_dtype(files.read_config(tuned_dir), plan.dtype))
+        config = tokens.config_with_pad(files.config_with_dtype(tuned_config, plan.dtype))
         report = _run(
             "make-diff",
             plan,
@@ -288,6 +305,7 @@ def make_diff(
             on_plan=on_plan,
             has_manifest=rule is None,
             records=records if rule is None else None,
+            plausibility=plausibility,
         )
         return replace(report, family=rule.name if rule else "weight-diff")
 
@@ -312,6 +330,7 @@ def _run(
     on_plan: Callable[[Plan], None] | None,
     has_manifest: bool,
     records: dict[str, TensorRecord] | None = None,
+    plausibility: Plausibility | None = None,
 ) -> RunReport:
     """Run a planned job into ``out``; ``records`` collects make-diff's tensor hashes, across --resume too."""
     started = time.monotonic()
@@ -347,6 +366,7 @@ def _run(
         on_tensor=on_tensor,
         on_shard=on_shard,
         progress=progress or (lambda nbytes: None),
+        observe=plausibility.observe if plausibility is not None else None,
     )
     pipeline.run(skip=done)
 
@@ -384,7 +404,29 @@ def _run(
         manifest=has_manifest,
         verified=has_manifest and mode == "recover",
         notes=tokens.notes,
+        findings=tuple(plausibility.at_end()) if plausibility is not None else (),
     )
+
+
+def _check_before_writing(
+    plan: Plan,
+    raw: Checkpoint,
+    other: Checkpoint,
+    other_config: dict,
+    other_role: str,
+    *,
+    has_manifest: bool,
+    ignore: bool,
+    on_finding: Callable[[Finding], None] | None,
+) -> Plausibility:
+    """Run the plausibility checks on configs and a sample of rows; refuse on certain evidence, report the rest."""
+    raw_config = files.read_config(raw.directory) if (raw.directory / files.CONFIG_NAME).is_file() else {}
+    plausibility = Plausibility(raw_config, other_config, other_role=other_role, has_manifest=has_manifest,
+                                ignore=ignore)  # fmt: skip
+    for finding in plausibility.before_writing(plan.jobs, raw, other):
+        if on_finding is not None:
+            on_finding(finding)
+    return plausibility
 
 
 def _sha256(data: bytes) -> str:

@@ -170,12 +170,14 @@ class Pipeline:
         on_tensor: Callable[[TensorJob, TensorDigests], None],
         on_shard: Callable[[str, str], None],
         progress: Callable[[int], None] = lambda nbytes: None,
+        observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> None:
         if mode not in ("recover", "make-diff"):
             raise ValueError(mode)
         self.plan, self.raw, self.other, self.out_dir = plan, raw, other, out_dir
         self.mode, self.hashing = mode, hashing
         self.on_tensor, self.on_shard, self.progress = on_tensor, on_shard, progress
+        self.observe = observe  # sees every block of raw rows with the other side's (plausibility statistics)
         largest_row = max((job.other.row_numel for job in plan.jobs), default=1)
         self._budget = max(BLOCK_ELEMENTS, largest_row)
         self._ring = [_BufferSet.allocate(self._budget) for _ in range(RING_DEPTH)]
@@ -323,6 +325,8 @@ class Pipeline:
                 buffers.pending.append(self._submit("raw", hashes.raw.update, tensor_bytes(raw)))
             if hashes.mean is not None:
                 hashes.mean.add(raw)
+            if self.observe is not None:
+                self.observe(job.name, raw, other)
             base = raw
         elif job.absolute or job.fill == "stored":
             base = None
