@@ -5,7 +5,8 @@ so that on two cores the disk never waits for Python:
 
 - ``read``: ``pread`` of the next block's raw and diff rows, one block ahead of the arithmetic;
 - main thread: the float32 arithmetic (and the mean of raw rows for added vocabulary rows);
-- ``raw`` / ``result``: SHA-256 of raw bytes and of float32 results, for the manifest;
+- ``raw`` / ``result``: SHA-256 of raw bytes and of float32 results, for the manifest; ``raw`` also feeds the
+  plausibility statistics (``checks.py``);
 - ``write`` and ``file``: the shard's bytes to disk, and their SHA-256 for ``SHA256SUMS``;
 - ``sync``: a finished shard's fdatasync and rename, while the next shard is already being written.
 
@@ -325,8 +326,8 @@ class Pipeline:
                 buffers.pending.append(self._submit("raw", hashes.raw.update, tensor_bytes(raw)))
             if hashes.mean is not None:
                 hashes.mean.add(raw)
-            if self.observe is not None:
-                self.observe(job.name, raw, other)
+            if self.observe is not None:  # on the raw lane: off the arithmetic's critical path
+                buffers.pending.append(self._submit("raw", self.observe, job.name, raw, other))
             base = raw
         elif job.absolute or job.fill == "stored":
             base = None
