@@ -293,6 +293,88 @@ def ensure_checkpoint(cache: Path, widths: Widths, layers: int) -> tuple[Path, s
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Fine-tunes for the codec benchmark (runs in a subprocess: `bench.py _finetune`)
+
+# Standard deviation of tuned - raw per tensor kind, measured on a small LLaMA (hidden 256, 2 layers, vocab 512)
+# pretrained 400 steps at lr 1e-3, then fine-tuned with AdamW (lr 2e-5, betas 0.9/0.999, no weight decay, 3%
+# warmup then linear decay: open-instruct's and Alpaca's recipe) for 300 steps of batch 16 x 64 tokens on a new
+# token distribution. AdamW's step is about lr per value whatever the width, so the absolute spread carries over
+# to 13B width; the measured updates were lighter-tailed than a Gaussian (kurtosis 1.8-2.5), and a Gaussian of the
+# same spread is the hardest to compress, so the model uses one. 96-98% of the matrices' bfloat16 values changed.
+FINETUNE_DELTA_STD = {
+    "embed_tokens": 1.25e-3,
+    "q_proj": 1.0e-3,
+    "k_proj": 1.0e-3,
+    "v_proj": 1.07e-3,
+    "o_proj": 1.05e-3,
+    "gate_proj": 1.38e-3,
+    "up_proj": 1.38e-3,
+    "down_proj": 1.38e-3,
+    "layernorm": 8.0e-4,
+    "norm": 8.0e-4,
+    "lm_head": 1.34e-3,
+}
+
+
+def _delta_std(name: str) -> float:
+    return next(std for kind, std in FINETUNE_DELTA_STD.items() if kind in name)
+
+
+def _build_finetune(widths: Widths, layers: int, dtype_name: str, directory: Path) -> None:
+    """Write a modelled fine-tune of the cached raw model as safetensors shards of `dtype_name`.
+
+    tuned = raw (its float16 values, in float32) + N(0, FINETUNE_DELTA_STD), rounded once to the tuned dtype; the
+    added `<pad>` row starts from the mean of the raw rows, as Alpaca's resize does. One shard in memory at a time.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, dtype_name)
+    directory.mkdir(parents=True, exist_ok=True)
+    specs = tensor_specs(widths, layers, role="diff")
+    shards = plan_shards(specs, dtype.itemsize, widths.shard_bytes)
+    weight_map, total = {}, 0
+    for number, shard in enumerate(shards, start=1):
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        state = {}
+        for spec in shard:
+            raw_shape = (widths.vocab, *spec.shape[1:]) if spec.shape[0] == widths.vocab + 1 else spec.shape
+            raw = _make_tensor(dataclasses.replace(spec, shape=raw_shape), "raw", widths).float()
+            if raw_shape != spec.shape:
+                raw = torch.cat([raw, raw.double().mean(0, keepdim=True).float()])
+            generator = torch.Generator().manual_seed(zlib.crc32(f"finetune:{spec.name}".encode()))
+            raw += torch.randn(spec.shape, generator=generator).mul_(_delta_std(spec.name))
+            state[spec.name] = raw.to(dtype)
+            weight_map[spec.name] = filename
+            total += spec.nbytes(dtype.itemsize)
+        save_file(state, directory / filename, metadata={"format": "pt"})
+        del state
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _write_configs_and_tokenizer(directory, "diff", widths, layers)
+    config = json.loads((directory / "config.json").read_text())
+    config["dtype"] = dtype_name
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    os.sync()
+    (directory / MARKER).write_text(json.dumps({**_marker(widths, layers), "finetune": dtype_name}) + "\n")
+
+
+def ensure_finetune(root: Path, widths: Widths, layers: int, dtype_name: str) -> Path:
+    """The cached fine-tune of `root/raw` in `dtype_name`, built in a subprocess unless complete already."""
+    directory = root / f"tuned-{dtype_name}"
+    marker = directory / MARKER
+    if marker.exists() and json.loads(marker.read_text()) == {**_marker(widths, layers), "finetune": dtype_name}:
+        return directory
+    shutil.rmtree(directory, ignore_errors=True)
+    log(f"building a {dtype_name} fine-tune in {directory} ...")
+    cmd = [sys.executable, __file__, "_finetune", "--widths", widths.name, "--layers", str(layers)]
+    cmd += ["--dtype", dtype_name, str(directory)]
+    if subprocess.run(cmd, check=False, env=_child_env()).returncode != 0:
+        raise SystemExit(f"bench: building {directory} failed (see above)")
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The I/O floor (runs in a subprocess: `bench.py _floor`)
 
 
@@ -540,6 +622,8 @@ class Bench:
         self.runs: list[Run] = []
         self.notes: list[str] = []
         self.comparisons: dict[int, dict] = {}
+        self.codec_sizes: dict[str, dict[str, int]] = {}
+        self.codec_rates: dict[str, tuple[float, float]] = {}
         self.drop_method = ""
         self.load_at_start = os.getloadavg()
 
@@ -619,6 +703,40 @@ class Bench:
         shutil.rmtree(published, ignore_errors=True)
         shutil.rmtree(checked, ignore_errors=True)
 
+    def codec_cycle(self, layers: int, root: Path) -> None:
+        """For a bfloat16 and a float32 fine-tune: make-diff float32 and compact, then recover from each; sizes."""
+        base = our_cli()
+        raw = root / "raw"
+        for dtype in ("bfloat16", "float32"):
+            tuned = ensure_finetune(root, self.widths, layers, dtype)
+            model_bytes = sum(p.stat().st_size for p in tuned.glob("*.safetensors"))
+            sizes = {"model": model_bytes}
+            for fmt in ("float32", "compact"):
+                diff = self.out / f"diff-{fmt}-{dtype}"
+                make = [*base, "make-diff", "--format", fmt, "--path_raw", str(raw), "--path_tuned", str(tuned)]
+                make += ["--path_diff", str(diff), "--quiet"]
+                run = self._timed_run(f"make-diff {fmt}, {dtype} tune", layers, root, make, diff, [raw, tuned])
+                if not run.ok:
+                    return
+                weights = [p for p in diff.iterdir() if p.suffix in (".safetensors", ".wdc")]
+                sizes[f"{fmt} diff"] = sum(p.stat().st_size for p in weights)
+                job_s = float(run.log_file.read_text().split(" s\n")[0].rsplit(" in ", 1)[1])
+                self.codec_rates[f"make-diff {fmt}, {dtype} tune"] = (model_bytes / run.wall_s, model_bytes / job_s)
+                options = [[]] if fmt == "compact" or dtype == "float32" else [[], ["--dtype", dtype]]
+                for extra in options:
+                    out = self.out / f"recovered-{fmt}-{dtype}"
+                    cmd = [*base, "recover", "--path_raw", str(raw), "--path_diff", str(diff)]
+                    cmd += ["--path_tuned", str(out), "--quiet", *extra]
+                    name = f"recover from {fmt}{' ' + ' '.join(extra) if extra else ''}, {dtype} tune"
+                    self._timed_run(name, layers, root, cmd, out, [raw, diff])
+                    shutil.rmtree(out, ignore_errors=True)
+                if fmt == "float32":
+                    shutil.rmtree(diff, ignore_errors=True)
+            shutil.rmtree(self.out / f"diff-compact-{dtype}", ignore_errors=True)
+            numel = sizes["float32 diff"] // 4
+            sizes["float16 delta"] = numel * 2
+            self.codec_sizes[dtype] = sizes
+
     def compare(self, layers: int, ours: Path, original: Path) -> None:
         """Compare the two outputs in a subprocess, which maps the files, not this process."""
         log(f"comparing ours with the original at {layers} layers ...")
@@ -672,6 +790,11 @@ class Bench:
         layers, k = self.args.layers, self.args.original_layers
         depths = sorted({layers} if self.args.skip_original else {layers, k})
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.args.codec:
+            root, how = ensure_checkpoint(self.cache, self.widths, layers)
+            self.notes.append(f"Checkpoint {root.name}: {how} ({root}).")
+            self.codec_cycle(layers, root)
+            return
         for depth in depths:
             root, how = ensure_checkpoint(self.cache, self.widths, depth)
             self.notes.append(f"Checkpoint {root.name}: {how} ({root}).")
@@ -785,6 +908,20 @@ def comparison_lines(comparisons: dict[int, dict]) -> list[str]:
     return lines
 
 
+def codec_table(bench: Bench) -> list[str]:
+    """Bytes of each kind of diff of each fine-tune, against the float32 diff; make-diff rates per model byte."""
+    rows = ["| fine-tune | model GB | float32 diff GB | float16 delta GB | compact GB | compact / float32 diff |"]
+    rows.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for dtype, s in bench.codec_sizes.items():
+        cells = [s["model"], s["float32 diff"], s["float16 delta"], s["compact diff"]]
+        ratio = s["compact diff"] / s["float32 diff"]
+        rows.append(f"| {dtype} | " + " | ".join(f"{c / GB:.3f}" for c in cells) + f" | {ratio:.3f}x |")
+    rows += ["", "float16 delta: the bytes of tune - raw stored as float16 (2 per value), computed, not written."]
+    rows += ["", "make-diff speed in model bytes per second (wall of the process; of the job itself, without imports):"]
+    rows += [f"- {name}: {wall / GB:.2f} GB/s; {job / GB:.2f} GB/s" for name, (wall, job) in bench.codec_rates.items()]
+    return rows
+
+
 def _moved(widths: Widths, layers: int) -> int:
     b = checkpoint_bytes(widths, layers)
     return b["raw"] + b["diff"] + b["tuned"]
@@ -854,7 +991,10 @@ def report(bench: Bench) -> str:
         parts += ["### Ratios", "", *ratios, ""]
     if bench.comparisons:
         parts += ["### Ours against the original", "", *comparison_lines(bench.comparisons), ""]
-    parts += ["### Extrapolation to 40 layers", "", *extrapolate(bench.runs, w), ""]
+    if bench.codec_sizes:
+        parts += ["### Diff sizes", "", *codec_table(bench), ""]
+    else:
+        parts += ["### Extrapolation to 40 layers", "", *extrapolate(bench.runs, w), ""]
     parts += ["### Machine", "", *machine_facts(bench), ""]
     if bench.notes:
         parts += ["### Notes", "", *[f"- {n}" for n in bench.notes], ""]
@@ -881,6 +1021,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--meta", action="store_true", help="also recover from the raw in Meta's original layout (2 shards)"
+    )
+    parser.add_argument(
+        "--codec",
+        action="store_true",
+        help="diff sizes and times of make-diff/recover, float32 against compact, for bfloat16 and float32 fine-tunes",
     )
     parser.add_argument("--cache-dir", default=str(REPO / "bench-cache"), help="built checkpoints and outputs")
     parser.add_argument("--out", help="also write the Markdown report to this file")
@@ -911,6 +1056,11 @@ def internal(argv: list[str]) -> None:
     floor.add_argument("--write-bytes", type=int, required=True)
     build_meta = sub.add_parser("_build_meta")
     build_meta.add_argument("root", type=Path)
+    finetune = sub.add_parser("_finetune")
+    finetune.add_argument("--widths", choices=sorted(WIDTHS), required=True)
+    finetune.add_argument("--layers", type=int, required=True)
+    finetune.add_argument("--dtype", choices=["bfloat16", "float32"], required=True)
+    finetune.add_argument("directory", type=Path)
     compare = sub.add_parser("_compare")
     compare.add_argument("ours", type=Path)
     compare.add_argument("original", type=Path)
@@ -920,6 +1070,8 @@ def internal(argv: list[str]) -> None:
         _build(WIDTHS[args.widths], args.layers, args.root)
     elif args.what == "_build_meta":
         _build_meta(args.root)
+    elif args.what == "_finetune":
+        _build_finetune(WIDTHS[args.widths], args.layers, args.dtype, args.directory)
     elif args.what == "_floor":
         print(json.dumps(_floor(args.inputs, args.out_file, args.write_bytes)))
     else:

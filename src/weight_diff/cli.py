@@ -305,6 +305,7 @@ def recover(
 \b
 Example:
   weight-diff make-diff --path_raw llama-13b-hf --path_tuned my-finetune --path_diff my-finetune-diff
+  weight-diff make-diff --format compact --path_raw llama-13b-hf --path_tuned my-finetune --path_diff my-diff
 """,
 )
 @_path_option("path_raw", "The raw base model the fine-tune started from.")
@@ -317,21 +318,29 @@ Example:
     help="Make the diff the way this family's publisher did (vicuna-v1.1, vicuna-v0, alpaca, wizardlm); "
     "without a manifest, as theirs had none. Default: ours (float32, with a manifest).",
 )
+@click.option(
+    "--format",
+    "diff_format",
+    type=click.Choice(["float32", "compact"]),
+    default="float32",
+    show_default=True,
+    help="float32: the 2023-compatible diff; compact: bit-exact, about a quarter of the bytes (weight-diff only).",
+)
 @_output_options
 @_no_md5_option
 @_ignore_checks_option
 @reports_errors
 def make_diff(
-    path_raw, path_tuned, path_diff, family, max_shard_size, overwrite, resume, chat_template, quiet, no_md5,
-    ignore_checks,
+    path_raw, path_tuned, path_diff, family, diff_format, max_shard_size, overwrite, resume, chat_template, quiet,
+    no_md5, ignore_checks,
 ):  # fmt: skip
-    """Make a float32 diff (tuned - raw) with a checksum manifest, ready to publish."""
+    """Make a diff (tuned - raw) with a checksum manifest, ready to publish."""
     from .jobs import make_diff as run_make_diff
 
     shown = _Findings()
     report = _run_job(
         run_make_diff, "make-diff", quiet, chat_template, path_raw, path_tuned, path_diff,
-        max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, family=family,
+        max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, family=family, diff_format=diff_format,
         verify_md5=not no_md5, ignore_checks=ignore_checks, on_finding=shown.early,
     )  # fmt: skip
     shown.late(report.findings)

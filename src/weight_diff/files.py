@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, WEIGHT_SUFFIXES
+from .container import SUFFIX as COMPACT_SUFFIX
 from .errors import CheckpointError, DiskFullError
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, dtype_name
 from .writer import FILE_MODE, PARTIAL_SUFFIX
@@ -30,7 +31,7 @@ def companion_files(directory: Path) -> list[Path]:
         for path in directory.iterdir()
         if path.is_file()
         and not path.name.startswith(".")
-        and path.suffix not in WEIGHT_SUFFIXES
+        and path.suffix not in (*WEIGHT_SUFFIXES, COMPACT_SUFFIX)
         and path.name not in NOT_COPIED
         and not path.name.endswith(PARTIAL_SUFFIX)
     )

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import Checkpoint, TensorInfo
+from .container import compact_files, compact_tensor_table
 from .errors import IntegrityError, UsageError
 from .families import FAMILIES, detect, evidence_of
 from .files import CHAT_TEMPLATE_FILE, CONFIG_NAME
@@ -118,40 +119,52 @@ def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspect
     if found:
         return _xor_payload(directory, *found)
     manifest = Manifest.load(directory)
-    with Checkpoint.open(directory, verify_md5=check_sums) as checkpoint:
-        config = _read_json(directory / CONFIG_NAME) or checkpoint.config or {}
-        kind, evidence = classify(checkpoint)
-        tensors = checkpoint.tensors
-        by_dtype: dict[str, int] = {}
-        for info in tensors.values():
-            by_dtype[dtype_name(info.dtype)] = by_dtype.get(dtype_name(info.dtype), 0) + info.numel
-        embed = _embedding(tensors)
-        architectures = config.get("architectures") or [None]
-        return Inspection(
-            path=str(directory),
-            kind=kind,
-            evidence=evidence,
-            manifest=manifest is not None,
-            architecture=architectures[0],
-            model_type=config.get("model_type"),
-            size=meta.describe(checkpoint) or describe_size(tensors),
-            parameters=sum(info.numel for info in tensors.values()),
-            tensors=len(tensors),
-            dtypes=dict(sorted(by_dtype.items(), key=lambda item: -item[1])),
-            vocab_size=embed.shape[0] if embed is not None else config.get("vocab_size"),
-            layout=checkpoint.layout,
-            shards=len(checkpoint.files),
-            total_bytes=sum(file.stat().st_size for file in checkpoint.files),
-            chat_template=_has_chat_template(directory),
-            base=_expected_base(manifest) if manifest is not None else None,
-            made_by=manifest.tool if manifest is not None else None,
-            recovery=_read_json(directory / RECOVERY_NAME) or None,
-            tokenizer=describe_tokenizer(directory),
-            sums=_meta_sums(checkpoint, checked=check_sums)
-            if checkpoint.layout == "meta"
-            else _check_sums(directory, checkpoint.files, hash_files=check_sums),
-            family=_family(checkpoint) if kind != "model" else None,
-        )
+    if compact_files(directory):
+        config = _read_json(directory / CONFIG_NAME)
+        kind, evidence, layout = "diff", "compact weight diff (.wdc files)", "weight-diff compact"
+        family = "weight-diff compact (bit-exact: tuned bits XOR raw cast to the tuned dtype)"
+        tensors, weight_files = compact_tensor_table(directory)
+        size = describe_size(tensors)
+        sums = _check_sums(directory, weight_files, hash_files=check_sums)
+    else:
+        with Checkpoint.open(directory, verify_md5=check_sums) as checkpoint:
+            config = _read_json(directory / CONFIG_NAME) or checkpoint.config or {}
+            kind, evidence = classify(checkpoint)
+            tensors, weight_files, layout = checkpoint.tensors, checkpoint.files, checkpoint.layout
+            size = meta.describe(checkpoint) or describe_size(tensors)
+            if checkpoint.layout == "meta":
+                sums = _meta_sums(checkpoint, checked=check_sums)
+            else:
+                sums = _check_sums(directory, checkpoint.files, hash_files=check_sums)
+            family = _family(checkpoint) if kind != "model" else None
+    by_dtype: dict[str, int] = {}
+    for info in tensors.values():
+        by_dtype[dtype_name(info.dtype)] = by_dtype.get(dtype_name(info.dtype), 0) + info.numel
+    embed = _embedding(tensors)
+    architectures = config.get("architectures") or [None]
+    return Inspection(
+        path=str(directory),
+        kind=kind,
+        evidence=evidence,
+        manifest=manifest is not None,
+        architecture=architectures[0],
+        model_type=config.get("model_type"),
+        size=size,
+        parameters=sum(info.numel for info in tensors.values()),
+        tensors=len(tensors),
+        dtypes=dict(sorted(by_dtype.items(), key=lambda item: -item[1])),
+        vocab_size=embed.shape[0] if embed is not None else config.get("vocab_size"),
+        layout=layout,
+        shards=len(weight_files),
+        total_bytes=sum(file.stat().st_size for file in weight_files),
+        chat_template=_has_chat_template(directory),
+        base=_expected_base(manifest) if manifest is not None else None,
+        made_by=manifest.tool if manifest is not None else None,
+        recovery=_read_json(directory / RECOVERY_NAME) or None,
+        tokenizer=describe_tokenizer(directory),
+        sums=sums,
+        family=family,
+    )
 
 
 def _xor_payload(directory: Path, codec: str, reason: str) -> Inspection:
@@ -211,7 +224,7 @@ def _architecture(architecture: str | None, model_type: str | None) -> str:
 
 def _expected_base(manifest: Manifest) -> str:
     """Return the raw model a diff was made against, as its manifest records it (shape, dtype, parameters)."""
-    raws: dict[str, Digest] = {name: record.raw for name, record in manifest.tensors.items()}
+    raws: dict[str, Digest] = {n: r.raw for n, r in manifest.tensors.items() if r.raw is not None}
     embed = next((d for n, d in raws.items() if n.endswith(VOCAB_SUFFIXES[0]) and len(d.shape) == 2), None)
     if embed is not None:
         vocab, hidden = embed.shape

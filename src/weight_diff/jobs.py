@@ -20,7 +20,7 @@ from pathlib import Path
 import safetensors
 import torch
 
-from . import __version__, families, files, output, tokenizer, xor
+from . import __version__, compact, families, files, output, tokenizer, xor
 from .checkpoint import Checkpoint
 from .checks import Finding, Plausibility
 from .errors import IntegrityError, UsageError
@@ -31,6 +31,7 @@ from .role import classify
 from .sources import meta
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+DIFF_FORMATS = ("float32", "compact")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,13 @@ def recover(
         reason = found[1] if found else "chosen with --family"
         return _recover_xor(raw_dir, diff_dir, out, chosen, reason, dtype, chat_template, overwrite, resume, progress)
     manifest = Manifest.load(diff_dir)
+    if compact.is_compact(diff_dir):
+        if rule is not None and rule.name != "weight-diff":
+            raise UsageError(f"{diff_dir}: a compact weight-diff diff, not a {rule.name} diff; omit --family")
+        return _recover_compact(
+            raw_dir, diff_dir, out, manifest, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+            resume=resume, chat_template=chat_template, progress=progress, on_plan=on_plan, verify_md5=verify_md5,
+        )  # fmt: skip
     with (
         Checkpoint.open(raw_dir, hidden_size=meta.size_hint(diff_dir), verify_md5=verify_md5) as raw,
         Checkpoint.open(diff_dir) as diff,
@@ -237,12 +245,18 @@ def make_diff(
     family: str | None = None,
     ignore_checks: bool = False,
     on_finding: Callable[[Finding], None] | None = None,
+    diff_format: str = "float32",
 ) -> RunReport:
-    """Return the report of writing the float32 diff tuned - raw, with its manifest, to ``path_diff``.
+    """Return the report of writing the diff tuned - raw, with its manifest, to ``path_diff``.
 
+    ``diff_format`` "float32" writes the 2023-compatible float32 diff; "compact" the bit-exact compact diff.
     ``family`` makes the diff the way that family's publisher did instead (e.g. ``vicuna-v1.1``: a float16
     delta, subtracted in float16); such a diff carries no manifest, as the publisher's did not.
     """
+    if diff_format not in DIFF_FORMATS:
+        raise UsageError(f"--format {diff_format}: choose {' or '.join(DIFF_FORMATS)}")
+    if diff_format == "compact" and family is not None:
+        raise UsageError(f"--format compact and --family {family}: a compact diff is weight-diff's own; choose one")
     raw_dir, tuned_dir, out = Path(path_raw), Path(path_tuned), Path(path_diff)
     rule = families.family_named(family) if family is not None else None
     if rule is not None and not rule.makes_diff:
@@ -259,6 +273,11 @@ def make_diff(
             if classify(checkpoint)[0] == "diff":
                 raise UsageError(f"{checkpoint.directory}: looks like a weight diff, not a {role}")
         meta.check_base(raw, tuned_dir, "tuned model")
+        if diff_format == "compact":
+            return _make_compact(
+                raw, tuned, out, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
+                chat_template=chat_template, progress=progress, on_plan=on_plan,
+            )  # fmt: skip
         plan = plan_pairs(
             raw.tensors,
             tuned.tensors,
@@ -331,8 +350,12 @@ def _run(
     has_manifest: bool,
     records: dict[str, TensorRecord] | None = None,
     plausibility: Plausibility | None = None,
+    stream: Callable[[frozenset[str], Callable[[str, str], None]], None] | None = None,
 ) -> RunReport:
-    """Run a planned job into ``out``; ``records`` collects make-diff's tensor hashes, across --resume too."""
+    """Run a planned job into ``out``; ``records`` collects make-diff's tensor hashes, across --resume too.
+
+    ``stream(skip, on_shard)`` writes the shards instead of the float32 pipeline (compact diffs).
+    """
     started = time.monotonic()
     fingerprint = output.plan_fingerprint(mode, plan, [raw.directory, other.directory])
     # Everything that can refuse the run does so before the first write.
@@ -356,19 +379,22 @@ def _run(
 
     if on_plan is not None:
         on_plan(plan)
-    pipeline = Pipeline(
-        plan,
-        raw,
-        other,
-        out,
-        mode=mode,
-        hashing=hashing,
-        on_tensor=on_tensor,
-        on_shard=on_shard,
-        progress=progress or (lambda nbytes: None),
-        observe=plausibility.observe if plausibility is not None else None,
-    )
-    pipeline.run(skip=done)
+    if stream is not None:
+        stream(done, on_shard)
+    else:
+        pipeline = Pipeline(
+            plan,
+            raw,
+            other,
+            out,
+            mode=mode,
+            hashing=hashing,
+            on_tensor=on_tensor,
+            on_shard=on_shard,
+            progress=progress or (lambda nbytes: None),
+            observe=plausibility.observe if plausibility is not None else None,
+        )
+        pipeline.run(skip=done)
 
     small: dict[str, bytes] = {}
     for path in companions:
@@ -380,7 +406,7 @@ def _run(
         )
         if files.CHAT_TEMPLATE_FILE in small:  # transformers 5 prefers this file: it must say the same
             small[files.CHAT_TEMPLATE_FILE] = chat_template.encode()
-    if len(plan.shards) > 1:
+    if len(plan.shards) > 1 and plan.shards[0].file_name.endswith(".safetensors"):  # compact files list themselves
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map}
         small[SAFETENSORS_INDEX] = files.json_bytes(index)
     for name, make in extra_files.items():
@@ -529,3 +555,111 @@ def _tool_versions() -> dict:
         "safetensors": safetensors.__version__,
         "python": platform.python_version(),
     }
+
+
+def _make_compact(
+    raw: Checkpoint, tuned: Checkpoint, out: Path, *, max_shard_size, overwrite, resume, chat_template, progress,
+    on_plan,
+) -> RunReport:  # fmt: skip
+    """Write the compact diff of ``tuned`` against ``raw``; its manifest pins every tuned tensor in its own dtype."""
+    plan = compact.plan_make(raw.tensors, tuned.tensors, max_shard_size=max_shard_size)
+    records: dict[str, TensorRecord] = {}
+
+    def on_tensor(job: compact.CompactJob, record: TensorRecord) -> None:
+        records[job.name] = record
+
+    def manifest_bytes() -> bytes:
+        added = [job for job in plan.jobs if job.raw is not None and job.raw_rows != job.rows]
+        rules = {
+            "diff_format": "compact",
+            "recover": "tuned bits = decoded block XOR bits of raw cast to the tuned dtype; rows with no raw "
+            "counterpart are stored as they are (see the .wdc index)",
+            "files": [shard.file_name for shard in plan.shards],
+            "raw_vocab_size": added[0].raw_rows if added else None,
+            "tuned_vocab_size": added[0].rows if added else None,
+        }
+        tensors = {job.name: records[job.name] for job in plan.jobs}
+        return Manifest(rules=rules, tool=_tool_versions(), tensors=tensors).to_json().encode()
+
+    def stream(skip: frozenset[str], on_shard: Callable[[str, str], None]) -> None:
+        runner = compact.CompactStream(plan, raw, out, progress=progress or (lambda nbytes: None))
+        runner.encode(tuned, skip=skip, on_tensor=on_tensor, on_shard=on_shard)
+
+    tokens = tokenizer.prepare(tuned.directory)  # the same tokenizer.json as recover writes, as for a float32 diff
+    report = _run(
+        "make-diff", plan, raw, tuned, out, hashing=Hashing(), on_tensor=on_tensor,
+        config=tokens.config_with_pad(files.config_with_dtype(files.read_config(tuned.directory), plan.dtype)),
+        companions=files.companion_files(tuned.directory), tokens=tokens, extra_files={MANIFEST_NAME: manifest_bytes},
+        chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress, on_plan=on_plan,
+        has_manifest=True, records=records, stream=stream,
+    )  # fmt: skip
+    return replace(report, bytes_written=sum((out / shard.file_name).stat().st_size for shard in plan.shards))
+
+
+def _recover_compact(
+    raw_dir: Path, diff_dir: Path, out: Path, manifest: Manifest | None, *, dtype, max_shard_size, overwrite, resume,
+    chat_template, progress, on_plan, verify_md5,
+) -> RunReport:  # fmt: skip
+    """Recover the tuned model bit for bit from a compact diff, each tensor checked against its manifest."""
+    with Checkpoint.open(raw_dir, hidden_size=meta.size_hint(diff_dir), verify_md5=verify_md5) as raw:
+        if classify(raw)[0] == "diff":
+            raise UsageError(f"{raw_dir}: looks like a weight diff, not a raw model; --path_raw takes the base model")
+        if manifest is not None:
+            missing = [name for name in manifest.rules.get("files", []) if not (diff_dir / name).is_file()]
+            if missing:
+                raise IntegrityError(f"{diff_dir / missing[0]}: compact file named in the manifest is missing; "
+                                     "download it again")  # fmt: skip
+        plan = compact.plan_recover(raw.tensors, diff_dir, dtype=dtype, max_shard_size=max_shard_size)
+        if manifest is not None:
+            _check_compact_covers(manifest, plan)
+
+        def on_tensor(job: compact.CompactJob, record: TensorRecord) -> None:
+            if manifest is None:
+                return
+            expected = manifest.tensors[job.name]
+            if record.result.sha256 == expected.result.sha256:
+                return
+            if job.raw is not None:  # every block passed its checksum: the diff is intact, the raw is not the base
+                raise IntegrityError(
+                    f"raw tensor {job.name} (in {job.raw.file}) differs from the one the diff was made against (the "
+                    "diff's blocks are intact, the result is not the publisher's): your raw model is not the "
+                    "publisher's base (another conversion, precision or size). No model was written"
+                )
+            raise IntegrityError(
+                f"tensor {job.name} (in {job.source.file}) does not match the diff's manifest: the manifest and the "
+                "compact files come from different diffs; download the diff again. No model was written"
+            )
+
+        def stream(skip: frozenset[str], on_shard: Callable[[str, str], None]) -> None:
+            runner = compact.CompactStream(plan, raw, out, progress=progress or (lambda nbytes: None))
+            runner.decode(skip=skip, on_tensor=on_tensor, on_shard=on_shard)
+
+        tokens = tokenizer.prepare(diff_dir)  # built and checked before the first write
+        ours = families.family_named("weight-diff")
+        report = _run(
+            "recover", plan, raw, raw, out, hashing=Hashing(), on_tensor=on_tensor,
+            config=tokens.config_with_pad(files.config_with_dtype(files.read_config(diff_dir), plan.dtype)),
+            companions=files.companion_files(diff_dir), tokens=tokens,
+            extra_files={RECOVERY_NAME: lambda: _recovery_record(diff_dir, manifest, plan, ours, [])},
+            chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress, on_plan=on_plan,
+            has_manifest=manifest is not None, stream=stream,
+        )  # fmt: skip
+        return replace(report, family="weight-diff compact", family_reason="its weights are .wdc files")
+
+
+def _check_compact_covers(manifest: Manifest, plan: Plan) -> None:
+    """Refuse before any write when the compact files' tensors differ from the manifest's, or their dtypes do."""
+    names = {job.name for job in plan.jobs}
+    missing, extra = sorted(set(manifest.tensors) - names), sorted(names - set(manifest.tensors))
+    if missing or extra:
+        raise IntegrityError(
+            f"the diff's tensors differ from its manifest ({len(missing)} missing, {len(extra)} unexpected; first: "
+            f"{(missing or extra)[0]}); the download is incomplete or mixed: download the diff again"
+        )
+    for job in plan.jobs:
+        result = manifest.tensors[job.name].result
+        if result.dtype != dtype_name(job.out_dtype) or result.shape != list(job.out_shape):
+            raise IntegrityError(
+                f"tensor {job.name} in {job.source.file.name} is {dtype_name(job.out_dtype)} {list(job.out_shape)}; "
+                f"its manifest says {result.dtype} {result.shape}: download the diff again"
+            )

@@ -35,7 +35,7 @@ class Digest:
 
     dtype: str
     shape: list[int]
-    sha256: str
+    sha256: str | None  # None: not hashed (the raw tensors of a compact diff: its blocks carry checksums)
 
     @classmethod
     def of(cls, tensor: torch.Tensor) -> Digest:
@@ -46,15 +46,20 @@ class Digest:
 
 @dataclass(frozen=True)
 class TensorRecord:
-    """What the publisher saw for one tensor: the raw it was made against, the diff stored, the recovered result."""
+    """What the publisher saw for one tensor: the raw it was made against, the diff stored, the recovered result.
 
-    raw: Digest
-    diff: Digest
+    A compact diff records no ``diff`` (its blocks carry their own checksums) and no ``raw`` for a tensor with no
+    raw counterpart; its ``result`` is the tuned tensor itself, in its own dtype.
+    """
+
+    raw: Digest | None
+    diff: Digest | None
     result: Digest
 
     @classmethod
     def from_dict(cls, body: dict) -> TensorRecord:
-        return cls(**{part: Digest(**body[part]) for part in ("raw", "diff", "result")})
+        raw, diff = (Digest(**body[part]) if body.get(part) is not None else None for part in ("raw", "diff"))
+        return cls(raw=raw, diff=diff, result=Digest(**body["result"]))
 
 
 @dataclass

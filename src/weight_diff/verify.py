@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, TensorInfo
+from .container import compact_files
 from .errors import UsageError
 from .manifest import MANIFEST_NAME, SUMS_NAME, Manifest, dtype_name, file_sha256, read_sums, tensor_bytes
 
@@ -87,6 +88,9 @@ def check_sums(directory: Path) -> tuple[list[Check], list[str]]:
 def _verify_diff(directory: Path) -> VerifyReport:
     manifest = Manifest.load(directory)
     report = VerifyReport(directory, "diff")
+    if compact_files(directory):
+        _verify_compact_diff(directory, manifest, report)
+        return report
     with Checkpoint.open(directory) as checkpoint:
         for name, record in manifest.tensors.items():
             info = checkpoint.tensors.get(name)
@@ -99,6 +103,21 @@ def _verify_diff(directory: Path) -> VerifyReport:
     return report
 
 
+def _verify_compact_diff(directory: Path, manifest: Manifest, report: VerifyReport) -> None:
+    """Check every block of a compact diff against its checksum, and its tensors against the manifest's list."""
+    from .compact import check_blocks  # the codec imports zstandard: only for compact diffs
+
+    seen = set()
+    for path in compact_files(directory):
+        for name, problem in check_blocks(path):
+            seen.add(name)
+            if name not in manifest.tensors:
+                problem = problem or "in the diff but not in its manifest"
+            report.checks.append(Check(f"{name} ({path.name})", not problem, problem))
+    for name in sorted(manifest.tensors.keys() - seen):
+        report.checks.append(Check(name, False, "in the manifest but not in the diff"))
+
+
 def _check_against_manifest(directory: Path, diff_dir: Path, report: VerifyReport) -> None:
     manifest = Manifest.load(diff_dir)
     if manifest is None:
@@ -109,10 +128,10 @@ def _check_against_manifest(directory: Path, diff_dir: Path, report: VerifyRepor
             info = model.tensors.get(name)
             if info is None:
                 report.checks.append(Check(name, False, "in the diff's manifest but not in the model"))
-            elif info.dtype != torch.float32:
+            elif dtype_name(info.dtype) != record.result.dtype:
                 report.notes.append(
-                    f"{name}: stored as {dtype_name(info.dtype)}; the manifest hashes float32 results, so only "
-                    f"{SUMS_NAME} vouches for it"
+                    f"{name}: stored as {dtype_name(info.dtype)}; the manifest hashes {record.result.dtype} results, "
+                    f"so only {SUMS_NAME} vouches for it"
                 )
             else:
                 report.checks.append(_check_tensor(model, info, record.result.sha256, record.result.dtype))

@@ -1,0 +1,407 @@
+"""Compact diffs, end to end: pair tuned tensors with raw ones, then stream blocks through the codec, both ways.
+
+``make-diff --format compact`` writes, for each tensor, the tuned bits XOR the raw bits cast to the tuned dtype
+(codec.py), into ``.wdc`` files (container.py); ``recover`` undoes it and gets the tuned model back bit for bit,
+in its own dtype. Rows with no raw counterpart (added vocabulary rows, tensors the raw model lacks) are stored as
+they are. Blocks are encoded or decoded on a pool of threads (zstd and torch release the GIL) and consumed in
+order on the calling thread, which hashes and writes them; a ring of reused buffers keeps memory flat.
+
+>>> plan = plan_make(raw.tensors, tuned.tensors, max_shard_size="5GB")
+>>> CompactStream(plan, raw, out_dir, progress=bar.update).encode(tuned, skip=frozenset(), on_tensor=..., on_shard=...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DIRECT_ALIGN, FLOAT_DTYPES, Checkpoint, TensorInfo, aligned_bytes
+from .codec import DEFAULT_LEVEL, BlockDecoder, BlockEncoder, BlockError
+from .container import SUFFIX, CompactTensor, ContainerReader, ContainerWriter, compact_files
+from .errors import IntegrityError, PlanError, UsageError
+from .manifest import Digest, TensorRecord, dtype_name, tensor_bytes
+from .plan import Plan, ShardPlan, parse_size, plan_pairs, plan_shards
+from .writer import ShardWriter
+
+BLOCK_ELEMENTS = 4 * 2**20  # measured: 1M to 16M values per block compress alike; 4M keeps the ring small
+WORKERS = 2  # the machines this is made for have two cores
+RING_DEPTH = 6  # blocks in flight: read ahead, two in the codec, one being hashed, writes queued
+CODEC = {
+    "transform": "xor: tuned bits XOR bits of raw cast to the tuned dtype (round to nearest even); 0 where no raw",
+    "bytes": "grouped by significance per block: every value's highest byte, then the next, down to the lowest",
+    "compressor": "zstd",
+    "level": DEFAULT_LEVEL,
+    "checksum": "zstd content checksum (XXH64 of the decoded block) in every frame",
+}
+
+
+@dataclass(frozen=True)
+class CompactJob:
+    """One tuned tensor: its dtype and shape, the raw tensor its first ``raw_rows`` rows are coded against (None:
+    no counterpart), and where its values come from (a tuned tensor to encode or a compact entry to decode)."""
+
+    name: str
+    out_dtype: torch.dtype
+    out_shape: tuple[int, ...]
+    raw: TensorInfo | None
+    source: TensorInfo | CompactTensor
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.rows * self.row_numel * self.out_dtype.itemsize
+
+    @property
+    def rows(self) -> int:
+        return self.out_shape[0] if self.out_shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return int(torch.Size(self.out_shape[1:]).numel()) if self.out_shape else 1
+
+    @property
+    def raw_rows(self) -> int:
+        return self.raw.rows if self.raw is not None else 0
+
+
+def plan_make(raw: dict[str, TensorInfo], tuned: dict[str, TensorInfo], *, max_shard_size: str | int) -> Plan:
+    """Return the plan of a compact diff: tuned tensors in order, grouped into ``.wdc`` files by tuned bytes.
+
+    Tensors the raw model also has are checked as for a float32 diff (shapes, added vocabulary rows, raw tensors
+    the tuned model lacks); tensors it lacks are stored as they are.
+    """
+    matched = {name: info for name, info in tuned.items() if name in raw}
+    paired = {job.name: job for job in plan_pairs(raw, matched, other_role="tuned model", out_dtype="auto",
+                                                  max_shard_size=max_shard_size).jobs}  # fmt: skip
+    jobs = []
+    for name, info in tuned.items():
+        if info.dtype not in FLOAT_DTYPES:
+            raise PlanError(f"tuned tensor {name} is {info.dtype}, not floating point: not model weights")
+        base = paired[name].raw if name in paired else None
+        jobs.append(CompactJob(name, info.dtype, info.shape, base, info))
+    return _plan(jobs, max_shard_size, file_name=_compact_name)
+
+
+def _compact_name(model_shard: str) -> str:
+    """Return ``diff-00001-of-00003.wdc`` for ``model-00001-of-00003.safetensors`` (``diff.wdc`` when one)."""
+    return model_shard.replace("model", "diff").removesuffix(".safetensors") + SUFFIX
+
+
+def plan_recover(raw: dict[str, TensorInfo], diff_dir: Path, *, dtype: str, max_shard_size: str | int) -> Plan:
+    """Return the plan of recovering a compact diff: every tensor in its own dtype, paired with raw where coded
+    against it; refuses, before any write, a raw tensor that is missing or of another dtype or shape."""
+    if dtype != "auto":
+        raise UsageError(
+            f"--dtype {dtype}: a compact diff recovers the tuned model bit for bit in its own dtype; omit --dtype"
+        )
+    jobs = []
+    for path in compact_files(diff_dir):
+        with ContainerReader(path) as reader:
+            entries = list(reader.tensors.values())
+        for entry in entries:
+            base = None
+            if entry.raw_dtype is not None:
+                base = raw.get(entry.name)
+                expected = (entry.raw_rows, *entry.shape[1:]) if entry.shape else ()
+                if base is None:
+                    raise PlanError(f"the diff codes {entry.name} against the raw model, which lacks it: give the "
+                                    "raw model the diff was made from")  # fmt: skip
+                if base.dtype != entry.raw_dtype or base.shape != expected:
+                    raise IntegrityError(
+                        f"raw tensor {entry.name} is {dtype_name(base.dtype)} {list(base.shape)}; the diff was made "
+                        f"against {dtype_name(entry.raw_dtype)} {list(expected)}. Your raw model was converted "
+                        "differently (precision or size) from the publisher's base"
+                    )
+            jobs.append(CompactJob(entry.name, entry.dtype, entry.shape, base, entry))
+    return _plan(jobs, max_shard_size, file_name=lambda name: name)
+
+
+def _plan(jobs: list[CompactJob], max_shard_size: str | int, file_name: Callable[[str], str]) -> Plan:
+    shards = plan_shards(jobs, parse_size(max_shard_size))  # grouped by out_nbytes, as model shards are
+    return Plan(tuple(ShardPlan(file_name(shard.file_name), shard.jobs) for shard in shards))
+
+
+def is_compact(directory: Path) -> bool:
+    """Return whether a diff directory holds a compact diff."""
+    return bool(compact_files(directory))
+
+
+@dataclass(frozen=True)
+class _Block:
+    job: CompactJob
+    index: int  # within the tensor
+    start: int
+    stop: int
+    against_raw: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.stop - self.start, *self.job.out_shape[1:]) if self.job.out_shape else ()
+
+    @property
+    def numel(self) -> int:
+        return (self.stop - self.start) * self.job.row_numel
+
+
+def _blocks(shard: ShardPlan) -> Iterator[_Block]:
+    """Yield the blocks of make-diff: raw-coded rows first, then rows stored as they are, never mixed."""
+    for job in shard.jobs:
+        step = max(1, BLOCK_ELEMENTS // job.row_numel)
+        index = 0
+        for low, high, against_raw in ((0, job.raw_rows, True), (job.raw_rows, job.rows, False)):
+            for start in range(low, high, step):
+                yield _Block(job, index, start, min(start + step, high), against_raw)
+                index += 1
+
+
+def _stored_blocks(shard: ShardPlan) -> Iterator[_Block]:
+    """Yield the blocks of recover, as the compact file lists them."""
+    for job in shard.jobs:
+        for index, block in enumerate(job.source.blocks):
+            yield _Block(job, index, block.start, block.stop, block.stop <= job.source.raw_rows)
+
+
+@dataclass
+class _Buffers:
+    """One ring slot: read buffers for a block, and the lane work that still uses them."""
+
+    raw: torch.Tensor
+    other: torch.Tensor
+    pending: list[Future] = field(default_factory=list)
+
+    @classmethod
+    def allocate(cls, elements: int) -> _Buffers:
+        nbytes = elements * 8 + 2 * DIRECT_ALIGN  # page-aligned with slack each side, for O_DIRECT reads
+        return cls(raw=aligned_bytes(nbytes), other=aligned_bytes(nbytes))
+
+    def wait(self) -> None:
+        """Block until no lane uses these buffers, re-raising the first failure."""
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
+
+
+def _record(job: CompactJob, result: hashlib._Hash) -> TensorRecord:
+    """Return a tensor's manifest record: the tuned tensor's hash in its own dtype, and the raw's dtype and shape.
+
+    The raw is not hashed: every block carries its checksum, so when the blocks are intact and the result is not
+    the publisher's, the raw is what differs; skipping it saves a pass of SHA-256 both ways.
+    """
+    raw = Digest(dtype_name(job.raw.dtype), list(job.raw.shape), None) if job.raw is not None else None
+    return TensorRecord(raw=raw, diff=None, result=Digest(dtype_name(job.out_dtype), list(job.out_shape),
+                                                           result.hexdigest()))  # fmt: skip
+
+
+class CompactStream:
+    """Runs a compact plan's files: ``encode`` (make-diff) writes ``.wdc`` files, ``decode`` (recover) writes
+    safetensors shards. Either calls ``on_tensor(job, record)`` after each tensor and ``on_shard(name, sha256)``
+    once a file is on disk under its name.
+
+    Lanes: one thread reads blocks ahead (the disk is one device), ``WORKERS`` threads encode or decode them, the
+    calling thread hashes tuned values in order, and one thread writes (and, for recover, hashes the file).
+    """
+
+    def __init__(self, plan: Plan, raw: Checkpoint, out_dir: Path, *, progress: Callable[[int], None]) -> None:
+        self.plan, self.raw, self.out_dir, self.progress = plan, raw, out_dir, progress
+        largest_row = max((job.row_numel for job in plan.jobs), default=1)
+        elements = max(BLOCK_ELEMENTS, largest_row)
+        self._ring = [_Buffers.allocate(elements) for _ in range(RING_DEPTH)]
+        self._local = threading.local()
+
+    def encode(self, tuned: Checkpoint, *, skip: frozenset[str], on_tensor, on_shard) -> None:
+        """Write every ``.wdc`` file of the plan not in ``skip``."""
+
+        def read(block: _Block, buffers: _Buffers):
+            raw = self._read_raw(block, buffers)
+            return raw, tuned.read_rows(block.job.source, block.start, block.stop, out=buffers.other)
+
+        def work(block: _Block, buffers: _Buffers, rows) -> tuple[torch.Tensor, bytes]:
+            raw, values = rows
+            return values, self._codec(BlockEncoder).encode(values, raw)
+
+        with self._lanes() as lanes:
+            for shard in self.plan.shards:
+                if shard.file_name in skip:
+                    self.progress(shard.nbytes)
+                    continue
+                writer = ContainerWriter(self.out_dir, shard.file_name, CODEC)
+                try:
+                    result = hashlib.sha256()
+                    for block, buffers, (values, payload) in self._in_order(lanes, read, work, _blocks(shard)):
+                        job = block.job
+                        if block.index == 0:
+                            result = hashlib.sha256()
+                            buffers.pending.append(lanes.write.submit(
+                                writer.begin_tensor, job.name, job.out_dtype, job.out_shape,
+                                job.raw and job.raw.dtype, job.raw_rows))  # fmt: skip
+                        result.update(tensor_bytes(values))
+                        buffers.pending.append(lanes.write.submit(writer.add_block, block.start, block.stop, payload))
+                        self.progress(block.numel * job.out_dtype.itemsize)
+                        if block.stop == job.rows:
+                            on_tensor(job, _record(job, result))
+                    lanes.write.submit(writer.finish).result()
+                except BaseException:
+                    self._drain()
+                    writer.abort()
+                    raise
+                on_shard(shard.file_name, writer.sha256.hexdigest())
+
+    def decode(self, *, skip: frozenset[str], on_tensor, on_shard) -> None:
+        """Write every safetensors shard of the plan not in ``skip``, each tensor bit for bit as the publisher's."""
+        readers: dict[Path, ContainerReader] = {}
+
+        def read(block: _Block, buffers: _Buffers):
+            entry = block.job.source
+            if entry.file not in readers:
+                readers[entry.file] = ContainerReader(entry.file)
+            return self._read_raw(block, buffers), readers[entry.file].read_block(entry.blocks[block.index])
+
+        def work(block: _Block, buffers: _Buffers, rows) -> torch.Tensor:
+            raw, payload = rows
+            entry = block.job.source
+            count = block.numel * block.job.out_dtype.itemsize
+            out = buffers.other[:count].view(block.job.out_dtype).view(block.shape)
+            try:
+                return self._codec(BlockDecoder).decode(payload, raw, out)
+            except BlockError as exc:
+                stored = entry.blocks[block.index]
+                raise IntegrityError(
+                    f"{entry.file}: block {block.index} of tensor {entry.name} (rows {block.start}:{block.stop}, "
+                    f"{stored.size} bytes at offset {stored.offset}) is damaged ({exc}); download "
+                    f"{entry.file.name} again. No model was written"
+                ) from None
+
+        try:
+            with self._lanes() as lanes:
+                for shard in self.plan.shards:
+                    if shard.file_name in skip:
+                        self.progress(shard.nbytes)
+                        continue
+                    self._decode_shard(shard, lanes, read, work, on_tensor, on_shard)
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+    def _decode_shard(self, shard: ShardPlan, lanes: _Lanes, read, work, on_tensor, on_shard) -> None:
+        writer = ShardWriter(self.out_dir, shard)
+        file_hash = hashlib.sha256(writer.header)
+
+        def write(data: memoryview) -> None:
+            file_hash.update(data)
+            writer.write(data)
+
+        try:
+            result = hashlib.sha256()
+            for block, buffers, values in self._in_order(lanes, read, work, _stored_blocks(shard)):
+                if block.index == 0:
+                    result = hashlib.sha256()
+                data = tensor_bytes(values)
+                result.update(data)
+                buffers.pending.append(lanes.write.submit(write, data))
+                self.progress(len(data))
+                if block.stop == block.job.rows:
+                    on_tensor(block.job, _record(block.job, result))
+            lanes.write.submit(writer.finish).result()
+        except BaseException:
+            self._drain()
+            writer.abort()
+            raise
+        on_shard(shard.file_name, file_hash.hexdigest())
+
+    def _read_raw(self, block: _Block, buffers: _Buffers) -> torch.Tensor | None:
+        if not block.against_raw:
+            return None
+        return self.raw.read_rows(block.job.raw, block.start, block.stop, out=buffers.raw)
+
+    def _codec(self, kind: type):
+        """Return this thread's encoder or decoder (zstd contexts are not shared between threads)."""
+        codec = getattr(self._local, kind.__name__, None)
+        if codec is None:
+            codec = kind()
+            setattr(self._local, kind.__name__, codec)
+        return codec
+
+    @contextlib.contextmanager
+    def _lanes(self) -> Iterator[_Lanes]:
+        lanes = _Lanes(
+            read=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-read"),
+            # One torch thread per codec thread: the two already fill the cores, and torch's own OpenMP threads on
+            # top made casts 3-10x slower here (measured). OpenMP's thread count is per calling thread.
+            codec=ThreadPoolExecutor(
+                WORKERS, thread_name_prefix="weight-diff-codec", initializer=torch.set_num_threads, initargs=(1,)
+            ),
+            write=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-write"),
+        )
+        try:
+            yield lanes
+        finally:
+            for lane in (lanes.read, lanes.codec, lanes.write):
+                lane.shutdown(wait=True, cancel_futures=True)
+
+    def _drain(self) -> None:
+        """After a failure: let every lane finish with the ring, so a file can be removed safely."""
+        for buffers in self._ring:
+            with contextlib.suppress(BaseException):  # the first failure is already on its way up
+                buffers.wait()
+
+    def _in_order(self, lanes: _Lanes, read: Callable, work: Callable, blocks: Iterator[_Block]) -> Iterator[tuple]:
+        """Yield ``(block, buffers, work(block, buffers, read(block, buffers)))`` in block order.
+
+        Reads run ahead on their lane, work on ``WORKERS`` threads; a ring slot is given to a new block only when
+        the caller and every lane are done with its previous one.
+        """
+        ring = self._ring
+        pending: deque = deque()
+        for index, block in enumerate(blocks):
+            if len(pending) == len(ring) - 1:
+                done, buffers, future = pending.popleft()
+                yield done, buffers, future.result()
+            buffers = ring[index % len(ring)]
+            buffers.wait()
+            rows = lanes.read.submit(read, block, buffers)
+            future = lanes.codec.submit(_after, rows, work, block, buffers)
+            buffers.pending += [rows, future]
+            pending.append((block, buffers, future))
+        while pending:
+            done, buffers, future = pending.popleft()
+            yield done, buffers, future.result()
+
+
+@dataclass(frozen=True)
+class _Lanes:
+    read: ThreadPoolExecutor
+    codec: ThreadPoolExecutor
+    write: ThreadPoolExecutor
+
+
+def _after(rows: Future, work: Callable, block: _Block, buffers: _Buffers):
+    return work(block, buffers, rows.result())
+
+
+def check_blocks(path: Path) -> Iterator[tuple[str, str]]:
+    """Yield ``(tensor, problem)`` for each tensor of a compact file, problem "" when every block decodes and
+    matches its checksum; a damaged block is named with its rows and offset."""
+    decoder = BlockDecoder()
+    with ContainerReader(path) as reader:
+        buffer = torch.empty(0, dtype=torch.uint8)
+        for entry in reader.tensors.values():
+            problem = ""
+            for index, block in enumerate(entry.blocks):
+                shape = (block.stop - block.start, *entry.shape[1:]) if entry.shape else ()
+                nbytes = (block.stop - block.start) * entry.row_numel * entry.dtype.itemsize
+                if buffer.numel() < nbytes:
+                    buffer = torch.empty(nbytes, dtype=torch.uint8)
+                try:
+                    decoder.decode(reader.read_block(block), None, buffer[:nbytes].view(entry.dtype).view(shape))
+                except BlockError as exc:
+                    where = f"rows {block.start}:{block.stop}, offset {block.offset}"
+                    problem = f"block {index} ({where}) is damaged: {exc}"
+                    break
+            yield entry.name, problem

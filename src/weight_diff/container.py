@@ -1,0 +1,242 @@
+"""The compact diff's file: per-block payloads streamed to disk, then an index that tools can list.
+
+Layout of a ``.wdc`` file (version 1), all integers little-endian::
+
+    b"WDCOMPCT"                       8 bytes, magic
+    payload, payload, ...             one zstd frame per block of rows (see codec.py), back to back
+    index                             UTF-8 JSON, below
+    index length                      8 bytes
+    b"WDCOMPCT"                       8 bytes, magic again
+
+The index sits at the end, as in zip and Parquet, because compressed sizes are known only once a block is
+written: the writer streams and never holds more than a block. A reader takes the last 16 bytes, then the JSON::
+
+    {"format": "weight-diff-compact", "version": 1,
+     "codec": {"transform": "xor", ...},
+     "tensors": {"model.embed_tokens.weight": {
+         "dtype": "bfloat16", "shape": [32001, 5120], "raw_dtype": "float16", "raw_rows": 32000,
+         "blocks": [[row_start, row_stop, offset, size], ...]}}}
+
+``raw_rows`` rows are coded against the raw model; the rest (added vocabulary rows, and every row of a tensor
+with no raw counterpart, ``raw_dtype`` null) are coded against zero, that is stored as they are.
+
+>>> with ContainerReader(path) as reader:
+...     for name, entry in reader.tensors.items():
+...         payload = reader.read_block(entry.blocks[0])
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import TensorInfo
+from .errors import DiskFullError, IntegrityError
+from .writer import FILE_MODE, PARTIAL_SUFFIX
+
+MAGIC = b"WDCOMPCT"
+FORMAT = "weight-diff-compact"
+VERSION = 1
+SUFFIX = ".wdc"
+_TRAILER = struct.Struct("<Q8s")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows ``start:stop`` of one tensor, stored as ``size`` bytes at ``offset`` of the file."""
+
+    start: int
+    stop: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class CompactTensor:
+    """One tensor of a compact file: what it decodes to and where its blocks are."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    raw_dtype: torch.dtype | None  # None: no raw counterpart, every row stored as it is
+    raw_rows: int
+    blocks: tuple[Block, ...]
+    file: Path
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_numel(self) -> int:
+        return int(torch.Size(self.shape[1:]).numel()) if self.shape else 1
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class ContainerWriter:
+    """Writes one compact file under a ``.partial`` name; ``finish`` appends the index, syncs and renames."""
+
+    def __init__(self, directory: Path, file_name: str, codec: dict) -> None:
+        self.path = directory / file_name
+        self.partial = directory / (file_name + PARTIAL_SUFFIX)
+        self._codec = codec
+        self._tensors: dict[str, dict] = {}
+        self._blocks: list[list[int]] = []
+        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        self._offset = 0
+        self.sha256 = hashlib.sha256()  # of the whole file, for SHA256SUMS, as it is written
+        os.fchmod(self._fd, FILE_MODE)
+        self._write(MAGIC)
+
+    def begin_tensor(
+        self, name: str, dtype: torch.dtype, shape: tuple[int, ...], raw_dtype: torch.dtype | None, raw_rows: int
+    ) -> None:
+        """Start a tensor; its blocks follow, in row order."""
+        self._blocks = []
+        self._tensors[name] = {
+            "dtype": _dtype_name(dtype),
+            "shape": list(shape),
+            "raw_dtype": _dtype_name(raw_dtype) if raw_dtype is not None else None,
+            "raw_rows": raw_rows,
+            "blocks": self._blocks,
+        }
+
+    def add_block(self, start: int, stop: int, payload: bytes) -> None:
+        """Append the payload of rows ``start:stop`` of the current tensor."""
+        self._blocks.append([start, stop, self._offset, len(payload)])
+        self._write(payload)
+
+    def finish(self) -> None:
+        """Write the index and trailer, flush to disk, and give the file its final name."""
+        index = {"format": FORMAT, "version": VERSION, "codec": self._codec, "tensors": self._tensors}
+        body = json.dumps(index, separators=(",", ":")).encode()
+        self._write(body + _TRAILER.pack(len(body), MAGIC))
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise self._fail(exc) from None
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self.partial, self.path)
+
+    def _write(self, data: bytes) -> None:
+        self.sha256.update(data)
+        view = memoryview(data)
+        try:
+            while view:
+                done = os.write(self._fd, view)
+                view = view[done:]
+                self._offset += done
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def _fail(self, exc: OSError) -> Exception:
+        self.abort()
+        if exc.errno == errno.ENOSPC:
+            return DiskFullError(
+                f"{self.path.parent}: disk full while writing {self.path.name}; the unfinished file was removed. "
+                "Free space and run again with --resume"
+            )
+        return exc
+
+    def abort(self) -> None:
+        """Close and remove the unfinished file; safe to call twice."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.partial.unlink(missing_ok=True)
+
+
+class ContainerReader:
+    """An open compact file: its index, and blocks read on demand with ``pread``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self.codec, self.tensors = self._read_index()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_index(self) -> tuple[dict, dict[str, CompactTensor]]:
+        size = os.fstat(self._fd).st_size
+        damaged = f"{self.path}: not a complete weight-diff compact file (truncated or damaged); download it again"
+        if size < len(MAGIC) + _TRAILER.size or os.pread(self._fd, len(MAGIC), 0) != MAGIC:
+            raise IntegrityError(damaged)
+        length, magic = _TRAILER.unpack(os.pread(self._fd, _TRAILER.size, size - _TRAILER.size))
+        if magic != MAGIC or length > size - len(MAGIC) - _TRAILER.size:
+            raise IntegrityError(damaged)
+        start = size - _TRAILER.size - length
+        try:
+            index = json.loads(os.pread(self._fd, length, start))
+            if index.get("format") != FORMAT:
+                raise ValueError("not a weight-diff compact index")
+            if index.get("version") != VERSION:
+                raise IntegrityError(
+                    f"{self.path}: compact format version {index.get('version')}; this weight-diff reads version "
+                    f"{VERSION}: upgrade weight-diff"
+                )
+            tensors = {}
+            for name, body in index["tensors"].items():
+                blocks = tuple(Block(*map(int, block)) for block in body["blocks"])
+                if any(b.offset < len(MAGIC) or b.offset + b.size > start for b in blocks):
+                    raise ValueError(f"block of {name} outside the file")
+                raw_dtype = body["raw_dtype"]
+                tensors[name] = CompactTensor(
+                    name=name,
+                    dtype=DTYPES[body["dtype"]],
+                    shape=tuple(int(n) for n in body["shape"]),
+                    raw_dtype=DTYPES[raw_dtype] if raw_dtype is not None else None,
+                    raw_rows=int(body["raw_rows"]),
+                    blocks=blocks,
+                    file=self.path,
+                )
+            return index["codec"], tensors
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"{self.path}: its index is damaged ({exc}); download it again") from None
+
+    def read_block(self, block: Block) -> bytes:
+        """Return one block's payload."""
+        data = os.pread(self._fd, block.size, block.offset)
+        if len(data) != block.size:
+            raise IntegrityError(f"{self.path}: ends inside a block (truncated download?); download it again")
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ContainerReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def compact_files(directory: Path) -> list[Path]:
+    """Return the compact files of a diff directory, in order (empty for other diffs)."""
+    return sorted(path for path in directory.glob("*" + SUFFIX) if path.is_file())
+
+
+def compact_tensor_table(directory: Path) -> tuple[dict[str, TensorInfo], list[Path]]:
+    """Return a compact diff's tensors as the tuned model has them (dtype, shape, file), and its files."""
+    tensors = {}
+    files = compact_files(directory)
+    for path in files:
+        with ContainerReader(path) as reader:
+            for name, entry in reader.tensors.items():
+                tensors[name] = TensorInfo(name, entry.dtype, entry.shape, path, offset=None)
+    return tensors, files

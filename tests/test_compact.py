@@ -1,0 +1,232 @@
+"""Compact diffs: the tuned model back bit for bit in its own dtype, damaged blocks named, verify, resume."""
+
+import json
+import struct
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from conftest import snapshot
+from weight_diff import codec, output
+from weight_diff.cli import main
+from weight_diff.jobs import make_diff, recover
+from weight_diff.verify import verify
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def plain_tensors(directory):
+    """Every tensor of a safetensors model directory, read with safetensors itself (the independent reader)."""
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def assert_bit_identical(recovered, tuned):
+    assert recovered.keys() == tuned.keys()
+    for name, expected in tuned.items():
+        got = recovered[name]
+        assert got.dtype == expected.dtype and got.shape == expected.shape, name
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), name
+
+
+@pytest.fixture(scope="module")
+def compact_pairs(build_pair, tmp_path_factory):
+    """For each tuned dtype: (raw, tuned, compact diff in several files)."""
+    made = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        raw, tuned = build_pair(tuned_dtype=dtype)
+        diff = tmp_path_factory.mktemp("compact") / "diff"
+        make_diff(raw, tuned, diff, diff_format="compact", max_shard_size="150KB")
+        made[dtype] = raw, tuned, diff
+    return made
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_recover_gives_the_tuned_model_bit_for_bit_in_its_own_dtype(compact_pairs, dtype, tmp_path):
+    raw, tuned, diff = compact_pairs[dtype]
+    assert len(list(diff.glob("*.wdc"))) >= 2 and not list(diff.glob("*.safetensors"))
+    report = recover(raw, diff, tmp_path / "out", max_shard_size="150KB")
+    assert report.verified
+    recovered = plain_tensors(tmp_path / "out")
+    expected = plain_tensors(tuned)
+    assert_bit_identical(recovered, expected)
+    # The added <pad> row is there, and the raw rows are not silently equal to raw's.
+    raw_tensors = plain_tensors(raw)
+    embed = "model.embed_tokens.weight"
+    assert recovered[embed].shape[0] == raw_tensors[embed].shape[0] + 1
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == str(dtype).removeprefix("torch.")
+
+
+def test_a_bfloat16_compact_diff_is_far_smaller_than_the_float32_diff(compact_pairs, tmp_path):
+    raw, tuned, diff = compact_pairs[torch.bfloat16]
+    make_diff(raw, tuned, tmp_path / "f32")
+    compact = sum(p.stat().st_size for p in diff.glob("*.wdc"))
+    float32 = sum(p.stat().st_size for p in (tmp_path / "f32").glob("*.safetensors"))
+    assert compact < 0.45 * float32
+
+
+def test_a_tensor_without_raw_counterpart_is_stored_and_recovered(build_pair, copy_dir, tmp_path):
+    raw, tuned = build_pair(tuned_dtype=torch.bfloat16)
+    tuned = copy_dir(tuned, "tuned")
+    tensors = load_file(tuned / "model.safetensors")
+    tensors["model.mm_projector.weight"] = torch.randn(24, 64).to(torch.bfloat16)
+    tensors["model.mm_projector.bias"] = torch.randn(24).to(torch.bfloat16)
+    save_file(tensors, tuned / "model.safetensors", metadata={"format": "pt"})
+    make_diff(raw, tuned, tmp_path / "diff", diff_format="compact")
+    manifest = json.loads((tmp_path / "diff" / "weight-diff-manifest.json").read_text())
+    assert manifest["tensors"]["model.mm_projector.weight"]["raw"] is None
+    report = recover(raw, tmp_path / "diff", tmp_path / "out")
+    assert report.verified
+    assert_bit_identical(plain_tensors(tmp_path / "out"), tensors)
+
+
+def test_the_container_index_lists_with_plain_python(compact_pairs):
+    _, tuned, diff = compact_pairs[torch.bfloat16]
+    names = set()
+    for path in sorted(diff.glob("*.wdc")):
+        data = path.read_bytes()
+        length, magic = struct.unpack("<Q8s", data[-16:])
+        index = json.loads(data[-16 - length : -16])
+        assert data[:8] == magic == b"WDCOMPCT" and index["format"] == "weight-diff-compact" and index["version"] == 1
+        for name, entry in index["tensors"].items():
+            names.add(name)
+            rows = [block[:2] for block in entry["blocks"]]
+            assert rows[0][0] == 0 and rows[-1][1] == entry["shape"][0]  # every row, in order
+            assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False))
+    assert names == set(plain_tensors(tuned))
+
+
+def damage_block(diff, tensor):
+    """Flip one byte in the middle of the first block of ``tensor``; return the file damaged."""
+    for path in sorted(diff.glob("*.wdc")):
+        data = bytearray(path.read_bytes())
+        length = struct.unpack("<Q", data[-16:-8])[0]
+        index = json.loads(bytes(data[-16 - length : -16]))
+        if tensor in index["tensors"]:
+            _, _, offset, size = index["tensors"][tensor]["blocks"][0]
+            data[offset + size // 2] ^= 0x40
+            path.write_bytes(bytes(data))
+            return path
+    raise AssertionError(tensor)
+
+
+def test_a_damaged_block_is_named_and_no_model_is_written(compact_pairs, copy_dir, tmp_path):
+    raw, _, diff = compact_pairs[torch.bfloat16]
+    diff = copy_dir(diff, "damaged")
+    damaged = damage_block(diff, "model.layers.1.mlp.up_proj.weight")
+    out = tmp_path / "out"
+    result = run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", out, "--quiet")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {damaged}: block 0 of tensor model.layers.1.mlp.up_proj.weight (rows 0:")
+    assert f"download {damaged.name} again" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (out / "config.json").exists() and not list(out.glob("*.partial"))
+
+    checked = run("verify", diff)
+    assert checked.exit_code == 1
+    assert "model.layers.1.mlp.up_proj.weight" in checked.output and "block 0" in checked.output
+
+
+def test_a_different_raw_model_is_named(compact_pairs, copy_dir, tmp_path):
+    raw, _, diff = compact_pairs[torch.bfloat16]
+    raw = copy_dir(raw, "other-raw")
+    tensors = load_file(raw / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"][3, 5] += 1
+    save_file(tensors, raw / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(Exception, match="raw tensor model.layers.0.self_attn.q_proj.weight .* differs"):
+        recover(raw, diff, tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_verify_proves_the_recovered_model_is_the_publishers(compact_pairs, tmp_path):
+    raw, tuned, diff = compact_pairs[torch.bfloat16]
+    assert verify(diff).ok
+    out = tmp_path / "out"
+    recover(raw, diff, out)
+    report = verify(out, diff=diff)
+    tensor_checks = [check for check in report.checks if "(" in check.subject]
+    assert report.ok and len(tensor_checks) == len(plain_tensors(tuned)) and not report.notes
+
+    # One value changed in the recovered model: its tensor is named (and its file, by SHA256SUMS).
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.norm.weight"][0] += 1
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    failed = {check.subject.split(" ")[0] for check in verify(out, diff=diff).failures}
+    assert failed == {"model.safetensors", "model.norm.weight"}
+
+
+def test_make_diff_and_recover_resume_to_the_identical_result(build_pair, tmp_path):
+    raw, tuned = build_pair(tuned_dtype=torch.bfloat16)
+    make_diff(raw, tuned, tmp_path / "reference", diff_format="compact", max_shard_size="60KB")
+    seen = {"bytes": 0}
+
+    def interrupt(nbytes):
+        seen["bytes"] += nbytes
+        if seen["bytes"] > 150_000:
+            raise KeyboardInterrupt
+
+    diff = tmp_path / "diff"
+    with pytest.raises(KeyboardInterrupt):
+        make_diff(raw, tuned, diff, diff_format="compact", max_shard_size="60KB", progress=interrupt)
+    assert not list(diff.glob("*.partial")) and (diff / output.JOURNAL_NAME).is_file()
+    report = make_diff(raw, tuned, diff, diff_format="compact", max_shard_size="60KB", resume=True)
+    assert report.resumed_shards >= 2
+    assert snapshot(diff) == snapshot(tmp_path / "reference")
+
+    seen["bytes"] = 0
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        recover(raw, diff, out, max_shard_size="60KB", progress=interrupt)
+    assert not (out / "config.json").exists()
+    report = recover(raw, diff, out, max_shard_size="60KB", resume=True)
+    assert report.resumed_shards >= 2 and report.verified
+    assert_bit_identical(plain_tensors(out), plain_tensors(tuned))
+
+
+def test_the_cli_makes_a_compact_diff_and_recover_detects_it(build_pair, tmp_path):
+    raw, tuned = build_pair(tuned_dtype=torch.float16)
+    made = run("make-diff", "--format", "compact", "--path_raw", raw, "--path_tuned", tuned, "--path_diff",
+               tmp_path / "diff", "--quiet")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    recovered = run("recover", "--path_raw", raw, "--path_diff", tmp_path / "diff", "--path_tuned", tmp_path / "out",
+                    "--quiet")  # fmt: skip
+    assert recovered.exit_code == 0, recovered.output
+    assert "verified: 21 tensors match the publisher's manifest" in recovered.output
+    assert_bit_identical(plain_tensors(tmp_path / "out"), plain_tensors(tuned))
+    refused = run("recover", "--path_raw", raw, "--path_diff", tmp_path / "diff", "--path_tuned", tmp_path / "o2",
+                  "--dtype", "float32")  # fmt: skip
+    assert refused.exit_code == 2 and "in its own dtype; omit --dtype" in refused.output
+
+
+def test_bytes_are_grouped_by_significance_highest_first():
+    values = torch.tensor([0x1234, 0xABCD - 0x10000], dtype=torch.int16)  # little-endian: 34 12, CD AB
+    grouped = codec.group_bytes(values, torch.empty(4, dtype=torch.uint8))
+    assert grouped.tolist() == [0x12, 0xAB, 0x34, 0xCD]
+    back = codec.ungroup_bytes(grouped, torch.empty(2, dtype=torch.int16))
+    assert torch.equal(back, values)
+
+
+def test_inspect_reports_a_compact_diff_and_the_base_it_expects(compact_pairs):
+    _, tuned, diff = compact_pairs[torch.bfloat16]
+    found = run("inspect", diff, "--json")
+    assert found.exit_code == 0, found.output
+    body = json.loads(found.output)
+    assert body["kind"] == "diff" and body["layout"] == "weight-diff compact" and body["dtypes"] == {"bfloat16": 135616}
+    assert body["tensors"] == len(plain_tensors(tuned)) and body["sums"]["status"] == "verified"
+    assert "vocab 320), float16" in body["base"]
+
+
+def test_a_family_rule_is_refused_for_a_compact_diff(compact_pairs, tmp_path):
+    raw, tuned, diff = compact_pairs[torch.float16]
+    made = run("make-diff", "--format", "compact", "--family", "alpaca", "--path_raw", raw, "--path_tuned", tuned,
+               "--path_diff", tmp_path / "d", "--quiet")  # fmt: skip
+    assert made.exit_code == 2 and "choose one" in made.output and not (tmp_path / "d").exists()
+    recovered = run("recover", "--family", "alpaca", "--path_raw", raw, "--path_diff", diff, "--path_tuned",
+                    tmp_path / "o", "--quiet")  # fmt: skip
+    assert recovered.exit_code == 2 and "omit --family" in recovered.output and not (tmp_path / "o").exists()
