@@ -23,6 +23,12 @@ Usage:
     python scripts/bench.py --layers 4 --original-layers 2 --out bench.md
     python scripts/bench.py --layers 8 --skip-original --repeat 3
     python scripts/bench.py --layers 6 --skip-original --skip-manifest --meta   # Meta's format against .bin
+    python scripts/bench.py --hub --rate 400       # from a local hub look-alike capped at 400 MB/s (see below)
+
+With `--hub`, the same checkpoints are served by tests/hub_server.py on 127.0.0.1 with a bandwidth cap, and it
+times: the download alone (raw and diff into a fresh huggingface_hub cache, every file checked), a recover from
+those downloaded files, and the one command `recover --path_raw bench/raw --path_diff bench/diff
+--no-keep-download` (download and recovery together), with the peak disk used by the cache and the output.
 
 Shards are 1 GB (real ones are ~10 GB) so that building needs little memory; built checkpoints are cached in
 --cache-dir (default bench-cache/) by widths and depth. Every run starts with the page cache dropped.
@@ -532,7 +538,9 @@ def drop_page_cache(files: list[Path]) -> str:
         return "posix_fadvise(POSIX_FADV_DONTNEED) on every input file"
 
 
-def timed(cmd: list[str], log_file: Path, timeout: float | None) -> tuple[int, float, int, float]:
+def timed(
+    cmd: list[str], log_file: Path, timeout: float | None, env: dict[str, str] | None = None
+) -> tuple[int, float, int, float]:
     """Run `cmd`; give its exit status, wall seconds, peak RSS in bytes (from wait4) and the `sync` after it.
 
     wait4's ru_maxrss is this child's alone (with the children it waited for), unlike RUSAGE_CHILDREN which
@@ -541,7 +549,9 @@ def timed(cmd: list[str], log_file: Path, timeout: float | None) -> tuple[int, f
     """
     with open(log_file, "wb") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=_child_env())
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env={**_child_env(), **(env or {})}
+        )
         timer = None
         if timeout:
             import threading
@@ -1002,6 +1012,126 @@ def report(bench: Bench) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# From the hub: download alone, download then recover, and the one pipelined command
+
+
+def disk_bytes(paths: list[Path]) -> int:
+    """Bytes allocated on disk under these directories (st_blocks: sparse or partial files count as written)."""
+    total = 0
+    for top in paths:
+        for folder, _, names in os.walk(top):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+    return total
+
+
+class DiskPeak:
+    """Samples the disk used under some directories every 0.1 s while a run goes on; `peak` is the largest seen."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        import threading
+
+        self.paths, self.peak, self._stop = paths, 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, disk_bytes(self.paths))
+
+    def __enter__(self) -> DiskPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, disk_bytes(self.paths))
+
+
+def hub_bench(args: argparse.Namespace) -> str:
+    """Time recovery from a capped local hub against the download alone; return the Markdown report."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from hub_server import HubServer
+
+    widths = WIDTHS["quick" if args.quick else "13b"]
+    cache = Path(args.cache_dir).resolve()
+    root, how = ensure_checkpoint(cache, widths, args.layers)
+    work = cache / f"hub-{widths.name}-{args.layers}L"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    server = HubServer(rate=args.rate * 1e6, lifetime=3 * 3600)
+    log("publishing the checkpoints on the local hub (hashing them) ...")
+    server.publish("bench/raw", root / "raw")
+    server.publish("bench/diff", root / "diff")
+    total = sum(f.size for repo in server.repos.values() for f in repo.files.values())
+    rows: list[tuple[str, float, int, int, str]] = []  # name, wall, disk peak, peak RSS, status
+    cli = our_cli() or []
+
+    def run(name: str, cmd: list[str], hf_home: Path, measured: list[Path]) -> float:
+        drop_page_cache(input_files(root))
+        log(f"running {name} ...")
+        with DiskPeak(measured) as disk:
+            rc, wall, rss, sync = timed(cmd, work / f"{name.split()[0]}.log", args.timeout, env=server.env(hf_home))
+        status = "ok" if rc == 0 else _status_text(rc, work / f"{name.split()[0]}.log", False)
+        rows.append((name, wall + sync, disk.peak, rss, status))
+        return wall + sync
+
+    try:
+        server.start()
+        first = work / "hf-download"
+        download = run(
+            "download alone", [sys.executable, __file__, "_download", "bench/raw", "bench/diff"], first, [first]
+        )
+        snapshots = {r: next((first / "hub" / f"models--bench--{r}" / "snapshots").iterdir()) for r in ("raw", "diff")}
+        local = work / "out-local"
+        after = run(
+            "recover from the downloaded files",
+            [*cli, "recover", "--path_raw", str(snapshots["raw"]), "--path_diff", str(snapshots["diff"]),
+             "--path_tuned", str(local), "--quiet"],
+            first, [first, local],
+        )  # fmt: skip
+        shutil.rmtree(first, ignore_errors=True)
+        shutil.rmtree(local, ignore_errors=True)
+        second, out = work / "hf-pipelined", work / "out-pipelined"
+        pipelined = run(
+            "one command, --no-keep-download",
+            [*cli, "recover", "--path_raw", "bench/raw", "--path_diff", "bench/diff", "--path_tuned", str(out),
+             "--no-keep-download", "--quiet"],
+            second, [second, out],
+        )  # fmt: skip
+    finally:
+        server.stop()
+        shutil.rmtree(work / "hf-download", ignore_errors=True)
+        shutil.rmtree(work / "out-local", ignore_errors=True)
+        shutil.rmtree(work / "hf-pipelined", ignore_errors=True)
+        shutil.rmtree(work / "out-pipelined", ignore_errors=True)
+    sizes = checkpoint_bytes(widths, args.layers)
+    lines = [
+        f"## weight-diff from the hub: {widths.name} widths, {args.layers} layers, link capped at {args.rate:.0f} MB/s",
+        "",
+        f"Served: {total / GB:.2f} GB (raw {sizes['raw'] / GB:.2f} GB fp16 .bin, diff {sizes['diff'] / GB:.2f} GB fp32 "
+        f".bin in {widths.shard_bytes / GB:g} GB shards); output {sizes['tuned'] / GB:.2f} GB. "
+        f"Checkpoint {root.name}: {how}.",
+        "",
+        "| run | wall | vs download alone | disk peak (cache + output) | peak RSS | status |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, wall, disk, rss, status in rows:
+        lines.append(
+            f"| {name} | {wall:.1f} s | {wall / download:.2f}x | {disk / GB:.2f} GB | {rss / GIB:.2f} GiB | {status} |"
+        )
+    lines.append(f"| download, then recover | {download + after:.1f} s | {(download + after) / download:.2f}x | | | |")
+    lines += [
+        "",
+        f"One command: {pipelined:.1f} s against {download:.1f} s for the download alone "
+        f"({pipelined / download:.2f}x; goal at most 1.10x) and {download + after:.1f} s for download then recover. "
+        f"Wall includes the `sync` after each run. Load average at the start: {os.getloadavg()[0]:.2f}.",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Command lines
 
 
@@ -1031,6 +1161,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", help="also write the Markdown report to this file")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each kind; the fastest counts (default 1)")
     parser.add_argument("--timeout", type=float, default=None, help="kill a run after this many seconds")
+    parser.add_argument("--hub", action="store_true", help="time recovery from a local hub look-alike instead")
+    parser.add_argument("--rate", type=float, default=400.0, help="with --hub: the link's cap in MB/s (default 400)")
     args = parser.parse_args(argv)
     if args.original_layers is None:
         args.original_layers = min(args.layers, 2)
@@ -1065,8 +1197,15 @@ def internal(argv: list[str]) -> None:
     compare.add_argument("ours", type=Path)
     compare.add_argument("original", type=Path)
     compare.add_argument("--raw-vocab", type=int, required=True)
+    download = sub.add_parser("_download")
+    download.add_argument("repos", nargs="+")
     args = parser.parse_args(argv)
-    if args.what == "_build":
+    if args.what == "_download":  # what a user's download alone costs: every file fetched and checked
+        from weight_diff.sources.hub import input_dir
+
+        for repo in args.repos:
+            input_dir(repo)
+    elif args.what == "_build":
         _build(WIDTHS[args.widths], args.layers, args.root)
     elif args.what == "_build_meta":
         _build_meta(args.root)
@@ -1083,6 +1222,12 @@ def main(argv: list[str]) -> int:
         internal(argv)
         return 0
     args = parse_args(argv)
+    if args.hub:
+        text = hub_bench(args)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return 0
     bench = Bench(args)
     bench.cache.mkdir(parents=True, exist_ok=True)
     bench.run_all()

@@ -260,6 +260,9 @@ class Checkpoint:
                 )
             done += got
 
+    def interrupt(self) -> None:
+        """Stop any background work (a download in progress) because the run is failing; local files have none."""
+
     def close(self) -> None:
         for fd in self._fds.values():
             if fd is not None:
@@ -284,13 +287,22 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
         (header_len,) = struct.unpack("<Q", head)
         if header_len > min(size - 8, 100 * 2**20):
             raise CheckpointError(f"{path}: not a safetensors file (its header length is garbage); download it again")
-        try:
-            header = json.loads(file.read(header_len))
-        except ValueError:
-            raise CheckpointError(f"{path}: not a safetensors file (unreadable header); download it again") from None
+        header_bytes = file.read(header_len)
+    return parse_safetensors_header(path, size, header_bytes)
+
+
+def parse_safetensors_header(path: Path, size: int, header_bytes: bytes) -> list[TensorInfo]:
+    """Return the tensors a safetensors header (the JSON after the 8-byte length) declares for a file of ``size``.
+
+    Kept apart from reading so that a header fetched with a ranged request plans a run before the file arrives.
+    """
+    try:
+        header = json.loads(header_bytes)
+    except ValueError:
+        raise CheckpointError(f"{path}: not a safetensors file (unreadable header); download it again") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (malformed header); download it again")
-    data_start = 8 + header_len
+    data_start = 8 + len(header_bytes)
     tensors = []
     for name, entry in header.items():
         if name == "__metadata__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -151,17 +153,26 @@ def _output_options(command: Callable) -> Callable:
 
 
 class _Progress:
-    """A tqdm bar in bytes on stderr, created once the plan says how much will be written."""
+    """One tqdm bar in bytes on stderr for downloading and writing together, with the rate of each.
+
+    Its total grows as work becomes known: each file about to be downloaded, then the plan's bytes to write.
+    """
 
     def __init__(self, quiet: bool, label: str) -> None:
         self.quiet, self.label, self.bar = quiet, label, None
+        self.started = {"download": 0.0, "write": 0.0}
+        self.done = {"download": 0, "write": 0}
+        self.shown = 0.0
+        self.lock = threading.Lock()
 
-    def on_plan(self, plan) -> None:
-        if not self.quiet:
+    def _add_total(self, nbytes: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=plan.total_size,
+                total=0,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1000,
@@ -169,9 +180,39 @@ class _Progress:
                 file=sys.stderr,
                 dynamic_ncols=True,
             )
+        self.bar.total += nbytes
+        self.bar.refresh()
+
+    def on_plan(self, plan) -> None:
+        with self.lock:
+            self._add_total(plan.total_size)
+
+    def expect(self, nbytes: int) -> None:
+        with self.lock:
+            self._add_total(nbytes)
+
+    def downloaded(self, nbytes: int) -> None:
+        self._advance("download", nbytes)
 
     def update(self, nbytes: int) -> None:
-        if self.bar is not None:
+        self._advance("write", nbytes)
+
+    def _advance(self, kind: str, nbytes: int) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if not self.started[kind]:
+                self.started[kind] = now
+            self.done[kind] += nbytes
+            if self.bar is None:
+                return
+            if self.done["download"] and now - self.shown >= 0.5:  # rates every half second, not every chunk
+                self.shown = now
+                rates = [
+                    f"{name} {self.done[name] / 1e6 / max(now - self.started[name], 1e-3):.0f} MB/s"
+                    for name in ("download", "write")
+                    if self.started[name]
+                ]
+                self.bar.set_postfix_str(", ".join(rates), refresh=False)
             self.bar.update(nbytes)
 
     def close(self) -> None:
@@ -199,8 +240,20 @@ def _run_job(job: Callable, label: str, quiet: bool, chat_template: str | None, 
             chat_template=_load_template(chat_template),
             progress=progress.update,
             on_plan=progress.on_plan,
+            transfer=progress,
             **options,
         )
+    finally:
+        progress.close()
+
+
+def _input_dir(path: Path, *, quiet: bool, weights: bool = True) -> Path:
+    """Return a local directory for PATH: itself, or the hub repository it names, downloaded and checked."""
+    from .sources.hub import input_dir
+
+    progress = _Progress(quiet, "download")
+    try:
+        return input_dir(path, progress, weights=weights)
     finally:
         progress.close()
 
@@ -233,9 +286,11 @@ Example (the Open-Instruct Self-Instruct 13B diff):
 """
 )
 @_path_option(
-    "path_raw", "The raw base model: Hugging Face format, or Meta's download (LLaMA/13B or LLaMA), e.g. LLaMA-13B."
+    "path_raw",
+    "The raw base model: Hugging Face format, or Meta's download (LLaMA/13B or LLaMA), e.g. LLaMA-13B; a directory "
+    "or a hub repo id.",
 )
-@_path_option("path_diff", "The published weight diff.")
+@_path_option("path_diff", "The published weight diff: a directory or a hub repo id (org/name[@revision]).")
 @_path_option("path_tuned", "Where to write the recovered model (a new directory).")
 @click.option(
     "--dtype",
@@ -251,6 +306,13 @@ Example (the Open-Instruct Self-Instruct 13B diff):
     help="Apply this diff family's rule instead of detecting it: weight-diff, open-instruct, alpaca, wizardlm, "
     "alpaca-farm, vicuna-v0, vicuna-v1.1, llava-v0, ziya.",
 )
+@click.option(
+    "--no-keep-download",
+    "--no_keep_download",
+    "no_keep_download",
+    is_flag=True,
+    help="For a diff from the hub: delete each downloaded diff shard once its tensors are read.",
+)
 @_output_options
 @_no_md5_option
 @_ignore_checks_option
@@ -263,8 +325,8 @@ Example (the Open-Instruct Self-Instruct 13B diff):
 )
 @reports_errors
 def recover(
-    path_raw, path_diff, path_tuned, dtype, family, max_shard_size, overwrite, resume, chat_template, quiet, no_md5,
-    ignore_checks, check_quality,
+    path_raw, path_diff, path_tuned, dtype, family, no_keep_download, max_shard_size, overwrite, resume, chat_template,
+    quiet, no_md5, ignore_checks, check_quality,
 ):  # fmt: skip
     """Recover the tuned model: raw + diff, written to PATH_TUNED and checked."""
     from .checks import QUALITY, final_line
@@ -275,6 +337,7 @@ def recover(
         run_recover, "recover", quiet, chat_template, path_raw, path_diff, path_tuned,
         dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume, family=family,
         verify_md5=not no_md5, ignore_checks=ignore_checks, on_finding=shown.early,
+        keep_download=not no_keep_download,
     )  # fmt: skip
     findings = list(report.findings)
     if check_quality:
@@ -286,6 +349,8 @@ def recover(
     click.echo(_summary("recovered", report))
     for check in report.checks:
         click.echo(f"check: {check}")
+    if report.downloads_checked:
+        click.echo("downloaded files match the hub's checksums")
     if report.verified:
         against = "manifest" if report.unit == "tensors" else "checksum list"
         click.echo(f"verified: {report.tensors} {report.unit} match the publisher's {against}")
@@ -345,6 +410,8 @@ def make_diff(
     )  # fmt: skip
     shown.late(report.findings)
     click.echo(_summary("made diff of", report))
+    if report.downloads_checked:
+        click.echo("downloaded files match the hub's checksums")
     if report.manifest:
         click.echo(f"manifest: weight-diff-manifest.json covers {report.tensors} tensors; publish the whole directory")
     else:
@@ -393,6 +460,8 @@ def verify(path, diff_dir):
     """Re-check a recovered model (or a diff) and say what matches; exit status 0 only when all does."""
     from .verify import verify as run_verify
 
+    if diff_dir is not None:
+        diff_dir = _input_dir(diff_dir, quiet=False, weights=False)
     report = run_verify(path, diff=diff_dir)
     for check in report.failures:
         click.echo(f"MISMATCH {check.subject}: {check.detail}")
@@ -473,7 +542,7 @@ def inspect(path, as_json, no_hash):
 
     from .inspect_dir import inspect_path
 
-    found = inspect_path(path, check_sums=not no_hash)
+    found = inspect_path(_input_dir(path, quiet=as_json), check_sums=not no_hash)
     if as_json:
         click.echo(json.dumps(found.to_dict(), indent=2))
     else:
@@ -537,6 +606,7 @@ def compare(a, b, tol, worst, quiet, no_md5):
             bar.update(nbytes)
 
     try:
+        a, b = _input_dir(a, quiet=quiet), _input_dir(b, quiet=quiet)
         report = compare_models(a, b, tol=tol, on_total=on_total, progress=progress, verify_md5=not no_md5)
     except WeightDiffError as error:
         error.exit_code = 2  # as with cmp and diff: 1 says "they differ", 2 "could not compare"

@@ -28,7 +28,7 @@ from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, Manifest, TensorR
 from .pipeline import Hashing, Pipeline, TensorDigests
 from .plan import Plan, TensorJob, plan_pairs
 from .role import classify
-from .sources import meta
+from .sources import hub, hub_diff, meta
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DIFF_FORMATS = ("float32", "compact")
@@ -52,6 +52,7 @@ class RunReport:
     family_reason: str | None = None  # why that family
     checks: tuple[str, ...] = ()  # the family's own checks, as passed
     findings: tuple[Finding, ...] = ()  # the plausibility checks on everything read (checks.py)
+    downloads_checked: bool = False  # an input came from the hub, and every file of it matched the hub's checksums
 
 
 def recover(
@@ -70,6 +71,8 @@ def recover(
     family: str | None = None,
     ignore_checks: bool = False,
     on_finding: Callable[[Finding], None] | None = None,
+    keep_download: bool = True,
+    transfer: hub.Transfer | None = None,
 ) -> RunReport:
     """Return the report of writing raw + diff to ``path_tuned`` in Hugging Face format, checked when possible.
 
@@ -77,27 +80,41 @@ def recover(
     detected from the diff, and an ambiguous diff is refused with the candidates.
 
     ``path_raw`` may be Meta's original download (``verify_md5``: check its checklist.chk first, a full read).
+    Either input may be a hub repository (``org/name[@revision]``): raw is downloaded first, the diff shard by
+    shard while it is recovered; ``keep_download=False`` deletes each diff shard once its tensors are read.
     """
-    raw_dir, diff_dir, out = Path(path_raw), Path(path_diff), Path(path_tuned)
-    output.check_location(out, [raw_dir, diff_dir], overwrite=overwrite, resume=resume)
+    out = Path(path_tuned)
+    output.check_location(
+        out, [hub.snapshot_dir(path_raw), hub.snapshot_dir(path_diff)], overwrite=overwrite, resume=resume
+    )
+    from_hub = hub.hub_spec_for(path_raw) is not None or hub.hub_spec_for(path_diff) is not None
     rule = families.family_named(family) if family is not None else None
+    diff_dir = hub.input_dir(path_diff, transfer, weights=False)  # a hub diff: its small files, to tell its kind
     found = xor.detect_files(diff_dir) if diff_dir.is_dir() and rule is None else None
     if found or (rule is not None and rule.xor_codec):
         chosen = rule or next(f for f in families.FAMILIES if f.xor_codec == found[0])
         reason = found[1] if found else "chosen with --family"
-        return _recover_xor(raw_dir, diff_dir, out, chosen, reason, dtype, chat_template, overwrite, resume, progress)
-    manifest = Manifest.load(diff_dir)
+        raw_dir = hub.input_dir(path_raw, transfer, every_file=True)
+        diff_dir = hub.input_dir(path_diff, transfer, every_file=True)
+        report = _recover_xor(raw_dir, diff_dir, out, chosen, reason, dtype, chat_template, overwrite, resume, progress)
+        return replace(report, downloads_checked=from_hub)
     if compact.is_compact(diff_dir):
         if rule is not None and rule.name != "weight-diff":
             raise UsageError(f"{diff_dir}: a compact weight-diff diff, not a {rule.name} diff; omit --family")
-        return _recover_compact(
-            raw_dir, diff_dir, out, manifest, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-            resume=resume, chat_template=chat_template, progress=progress, on_plan=on_plan, verify_md5=verify_md5,
+        raw_dir = hub.input_dir(path_raw, transfer)
+        diff_dir = hub.input_dir(path_diff, transfer, every_file=True)
+        report = _recover_compact(
+            raw_dir, diff_dir, out, Manifest.load(diff_dir), dtype=dtype, max_shard_size=max_shard_size,
+            overwrite=overwrite, resume=resume, chat_template=chat_template, progress=progress, on_plan=on_plan,
+            verify_md5=verify_md5,
         )  # fmt: skip
+        return replace(report, downloads_checked=from_hub)
+    raw_dir = hub.input_dir(path_raw, transfer)
     with (
         Checkpoint.open(raw_dir, hidden_size=meta.size_hint(diff_dir), verify_md5=verify_md5) as raw,
-        Checkpoint.open(diff_dir) as diff,
+        hub_diff.open_diff(path_diff, like=raw.tensors, keep_download=keep_download, transfer=transfer) as diff,
     ):
+        manifest = Manifest.load(diff_dir)
         _check_roles(raw, diff, manifest)
         meta.check_base(raw, diff_dir, "diff")
         if rule is not None:
@@ -131,7 +148,8 @@ def recover(
         def recovery_record() -> bytes:
             if expected is not None:
                 checks.append(_check_family_sum(rule, expected, sums, plan, raw, config))
-            return _recovery_record(diff_dir, manifest, plan, rule, checks)
+            origin = diff.origin if isinstance(diff, hub_diff.HubCheckpoint) else None
+            return _recovery_record(diff_dir, manifest, plan, rule, checks, origin)
 
         report = _run(
             "recover",
@@ -152,8 +170,9 @@ def recover(
             on_plan=on_plan,
             has_manifest=manifest is not None,
             plausibility=plausibility,
+            on_shard_written=diff.shard_written if isinstance(diff, hub_diff.HubCheckpoint) else None,
         )
-        return replace(report, family=rule.name, family_reason=reason, checks=tuple(checks))
+        return replace(report, family=rule.name, family_reason=reason, checks=tuple(checks), downloads_checked=from_hub)
 
 
 def _recover_xor(
@@ -246,25 +265,30 @@ def make_diff(
     ignore_checks: bool = False,
     on_finding: Callable[[Finding], None] | None = None,
     diff_format: str = "float32",
+    transfer: hub.Transfer | None = None,
 ) -> RunReport:
     """Return the report of writing the diff tuned - raw, with its manifest, to ``path_diff``.
 
     ``diff_format`` "float32" writes the 2023-compatible float32 diff; "compact" the bit-exact compact diff.
     ``family`` makes the diff the way that family's publisher did instead (e.g. ``vicuna-v1.1``: a float16
-    delta, subtracted in float16); such a diff carries no manifest, as the publisher's did not.
+    delta, subtracted in float16); such a diff carries no manifest, as the publisher's did not. Either input may
+    be a hub repository, downloaded and checked first.
     """
     if diff_format not in DIFF_FORMATS:
         raise UsageError(f"--format {diff_format}: choose {' or '.join(DIFF_FORMATS)}")
     if diff_format == "compact" and family is not None:
         raise UsageError(f"--format compact and --family {family}: a compact diff is weight-diff's own; choose one")
-    raw_dir, tuned_dir, out = Path(path_raw), Path(path_tuned), Path(path_diff)
+    out = Path(path_diff)
     rule = families.family_named(family) if family is not None else None
     if rule is not None and not rule.makes_diff:
         makers = ", ".join(f.name for f in families.FAMILIES if f.makes_diff)
         raise UsageError(f"make-diff --family {rule.name}: not supported; choose one of {makers}")
     if rule is not None and rule.name == "weight-diff":
         rule = None
-    output.check_location(out, [raw_dir, tuned_dir], overwrite=overwrite, resume=resume)
+    output.check_location(
+        out, [hub.snapshot_dir(path_raw), hub.snapshot_dir(path_tuned)], overwrite=overwrite, resume=resume
+    )
+    raw_dir, tuned_dir = hub.input_dir(path_raw, transfer), hub.input_dir(path_tuned, transfer)
     with (
         Checkpoint.open(raw_dir, hidden_size=meta.size_hint(tuned_dir), verify_md5=verify_md5) as raw,
         Checkpoint.open(tuned_dir) as tuned,
@@ -326,7 +350,7 @@ def make_diff(
             records=records if rule is None else None,
             plausibility=plausibility,
         )
-        return replace(report, family=rule.name if rule else "weight-diff")
+        return replace(report, family=rule.name if rule else "weight-diff", downloads_checked=raw_dir != Path(path_raw))
 
 
 def _run(
@@ -351,13 +375,15 @@ def _run(
     records: dict[str, TensorRecord] | None = None,
     plausibility: Plausibility | None = None,
     stream: Callable[[frozenset[str], Callable[[str, str], None]], None] | None = None,
+    on_shard_written: Callable[[list[str]], None] | None = None,
 ) -> RunReport:
     """Run a planned job into ``out``; ``records`` collects make-diff's tensor hashes, across --resume too.
 
-    ``stream(skip, on_shard)`` writes the shards instead of the float32 pipeline (compact diffs).
+    ``stream(skip, on_shard)`` writes the shards instead of the float32 pipeline (compact diffs);
+    ``on_shard_written`` hears the tensors of each shard once it is on disk (and of those kept by --resume).
     """
     started = time.monotonic()
-    fingerprint = output.plan_fingerprint(mode, plan, [raw.directory, other.directory])
+    fingerprint = output.plan_fingerprint(mode, plan, [_input_identity(raw), _input_identity(other)])
     # Everything that can refuse the run does so before the first write.
     journal = (
         output.Journal.load(out, fingerprint) if resume else output.Journal(out / output.JOURNAL_NAME, fingerprint)
@@ -372,10 +398,14 @@ def _run(
     if records is not None:
         records.update({name: TensorRecord.from_dict(body) for name, body in journal.tensors.items()})
     shard_jobs = {shard.file_name: shard.jobs for shard in plan.shards}
+    written = on_shard_written or (lambda names: None)
+    for name in done:
+        written([job.name for job in shard_jobs[name]])
 
     def on_shard(name: str, digest: str) -> None:
         kept = {job.name: asdict(records[job.name]) for job in shard_jobs[name]} if records is not None else None
         journal.record(name, digest, kept)
+        written([job.name for job in shard_jobs[name]])
 
     if on_plan is not None:
         on_plan(plan)
@@ -449,10 +479,18 @@ def _check_before_writing(
     raw_config = files.read_config(raw.directory) if (raw.directory / files.CONFIG_NAME).is_file() else {}
     plausibility = Plausibility(raw_config, other_config, other_role=other_role, has_manifest=has_manifest,
                                 ignore=ignore)  # fmt: skip
-    for finding in plausibility.before_writing(plan.jobs, raw, other):
+    # A diff still downloading is sampled only where its shard is here: waiting for every shard would undo the
+    # pipelining; the rest is checked as it streams, and reported at the end.
+    sampled = [job for job in plan.jobs if not isinstance(other, hub_diff.HubCheckpoint) or other.is_here(job.other)]
+    for finding in plausibility.before_writing(sampled, raw, other):
         if on_finding is not None:
             on_finding(finding)
     return plausibility
+
+
+def _input_identity(checkpoint: Checkpoint) -> Path | str:
+    """A hub diff is named by its repository and commit: its local files appear and go while it is read."""
+    return checkpoint.origin if isinstance(checkpoint, hub_diff.HubCheckpoint) else checkpoint.directory
 
 
 def _sha256(data: bytes) -> str:
@@ -466,7 +504,8 @@ def _check_roles(raw: Checkpoint, diff: Checkpoint, manifest: Manifest | None) -
             f"{raw.directory}: looks like a weight diff, not a raw model (its norm weights are near 0); "
             "--path_raw takes the base LLaMA model. Were --path_raw and --path_diff swapped?"
         )
-    if manifest is None and classify(diff)[0] == "model":
+    # A diff from the hub is checked when the file with its final norm arrives (sources/hub.py), not waited for.
+    if manifest is None and not isinstance(diff, hub_diff.HubCheckpoint) and classify(diff)[0] == "model":
         raise UsageError(
             f"{diff.directory}: looks like a model, not a weight diff (its norm weights are near 1); "
             "--path_diff takes the published diff. Is it already recovered?"
@@ -526,17 +565,23 @@ def _rules(plan: Plan) -> dict:
 
 
 def _recovery_record(
-    diff_dir: Path, manifest: Manifest | None, plan: Plan, family: families.Family, checks: list[str]
+    diff_dir: Path,
+    manifest: Manifest | None,
+    plan: Plan,
+    family: families.Family,
+    checks: list[str],
+    origin: str | None = None,
 ) -> bytes:
     """Return ``weight-diff-recovery.json``: how this model was made, so ``inspect`` can say it later.
 
-    It is written only when the run finished, so ``verified`` means every tensor matched the manifest.
+    It is written only when the run finished, so ``verified`` means every tensor matched the manifest. ``origin``
+    names a diff from the hub (``hf://org/name@commit``).
     """
     manifest_path = diff_dir / MANIFEST_NAME
     body = {
         "format": "weight-diff-recovery",
         "version": 1,
-        "diff": str(diff_dir.resolve()),
+        "diff": origin or str(diff_dir.resolve()),
         "diff_manifest_sha256": _sha256(manifest_path.read_bytes()) if manifest is not None else None,
         "verified": manifest is not None,
         "family": family.name,

@@ -76,10 +76,16 @@ def _gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB"
 
 
-def plan_fingerprint(mode: str, plan: Plan, inputs: list[Path]) -> str:
-    """Return a hash of what a run will produce from which input files, so --resume never mixes two runs."""
-    files = []
+def plan_fingerprint(mode: str, plan: Plan, inputs: list[Path | str]) -> str:
+    """Return a hash of what a run will produce from which input files, so --resume never mixes two runs.
+
+    An input given as text (a hub repository at a commit) stands for itself: its files come and go while it runs.
+    """
+    files: list = []
     for directory in inputs:
+        if isinstance(directory, str):
+            files.append(directory)
+            continue
         for path in sorted(directory.iterdir()):
             if path.is_file():
                 stat = path.stat()

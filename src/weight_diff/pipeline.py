@@ -254,6 +254,8 @@ class Pipeline:
 
     def _abandon(self) -> None:
         """After a failure: let lanes drain, keep a shard that did finish, remove anything unfinished."""
+        self.raw.interrupt()  # a reader waiting for a download gives up at once
+        self.other.interrupt()
         for buffers in self._ring:
             with contextlib.suppress(BaseException):  # the first failure is already on its way up
                 buffers.wait()

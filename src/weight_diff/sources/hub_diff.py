@@ -1,0 +1,282 @@
+"""A diff on the hub read while it downloads: the pipeline reads shard i while shard i+1 downloads, in shard order,
+and with ``keep_download=False`` each shard is deleted once its last tensor is read.
+
+>>> with open_diff("allenai/open-instruct-self-instruct-13b", like=raw.tensors) as diff:
+...     rows = diff.read_rows(diff.tensors["lm_head.weight"], 0, 16)   # waits for the shard holding it
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import (
+    BIN_INDEX,
+    Checkpoint,
+    TensorInfo,
+    is_weight_name,
+    parse_safetensors_header,
+    read_bin_header,
+    read_safetensors_header,
+)
+from ..errors import CheckpointError, Interrupted, UsageError
+from ..files import read_json_object
+from ..plan import VOCAB_SUFFIXES
+from ..role import FINAL_NORM_NAMES, role_of
+from . import hub
+from .hub import Snapshot, Transfer
+from .repo_spec import hub_spec_for
+
+
+def open_diff(
+    path: str | os.PathLike,
+    *,
+    like: dict[str, TensorInfo],
+    keep_download: bool = True,
+    transfer: Transfer | None = None,
+) -> Checkpoint:
+    """Return the diff as a checkpoint: a local directory opened as usual, or a hub repository whose weight files
+    download one ahead of the reader. ``like`` (the raw model's tensors) predicts the shapes in ``.bin`` shards,
+    whose offsets are known only once the whole file is here."""
+    spec = hub_spec_for(path)
+    if spec is None:
+        return Checkpoint.open(path)
+    return HubCheckpoint.start(hub.resolve(spec), like=like, keep_download=keep_download, transfer=transfer)
+
+
+class HubCheckpoint(Checkpoint):
+    """A checkpoint whose weight files arrive while it is read: ``read_rows`` waits until the file holding the
+    tensor is downloaded and checked. Files download in the order the reader first asks for them, one ahead."""
+
+    snapshot: Snapshot
+
+    @classmethod
+    def start(
+        cls,
+        snapshot: Snapshot,
+        *,
+        like: dict[str, TensorInfo],
+        keep_download: bool = True,
+        transfer: Transfer | None = None,
+    ) -> HubCheckpoint:
+        transfer = transfer or hub.NoTransfer()
+        hub.fetch_small_files(snapshot, transfer)  # config, index, manifest: needed to plan
+        directory = snapshot.directory
+        layout, order = hub.weight_files(snapshot)
+        config = read_json_object(directory / "config.json")
+        checkpoint = cls(directory=directory, layout=layout, tensors={}, files=[directory / n for n in order])
+        checkpoint._setup(snapshot, order, keep_download, transfer)
+        for name in order:  # the diff's own order: the plan, and so the output, follows the diff's shards
+            file = snapshot.files[name]
+            path = snapshot.local(file)
+            if hub.cached_and_checked(snapshot, file):  # an earlier run downloaded and checked it: read it now
+                checkpoint._load_header(name)
+                checkpoint._ready[name].set()
+                found = list(checkpoint._real[name].values())
+            elif name.endswith(".safetensors"):
+                (length,) = struct.unpack("<Q", hub.fetch_range(snapshot, file, 0, 8))
+                if length > min(file.size - 8, 100 * 2**20):
+                    raise CheckpointError(f"{snapshot.spec}: {name} is not a safetensors file (header length)")
+                found = parse_safetensors_header(path, file.size, hub.fetch_range(snapshot, file, 8, 8 + length))
+            else:
+                found = _predict_bin(snapshot, name, config, like)
+            checkpoint.tensors.update({info.name: info for info in found if is_weight_name(info.name)})
+        checkpoint._file_of = {info.name: info.file.name for info in checkpoint.tensors.values()}
+        checkpoint._unwritten = {}
+        for tensor, file_name in checkpoint._file_of.items():
+            checkpoint._unwritten.setdefault(file_name, set()).add(tensor)
+        checkpoint._thread.start()
+        return checkpoint
+
+    def _setup(self, snapshot: Snapshot, order: list[str], keep_download: bool, transfer: Transfer) -> None:
+        self.snapshot, self._order, self._keep, self._transfer = snapshot, order, keep_download, transfer
+        self._ready = {name: threading.Event() for name in order}
+        self._real: dict[str, dict[str, TensorInfo]] = {}
+        self._failure: BaseException | None = None
+        self._wanted: list[str] = []  # files asked for, first ask first
+        self._started: set[str] = set()
+        self._held: set[str] = set()  # downloading or downloaded, not yet released
+        self._stop = threading.Event()
+        self._lock = threading.Condition()
+        self._thread = threading.Thread(target=self._download_loop, name="weight-diff-download", daemon=True)
+
+    @property
+    def origin(self) -> str:
+        """Which repository and commit the diff came from, for the recovery record."""
+        return self.snapshot.origin
+
+    # The reader's side -------------------------------------------------------------------------------------------
+
+    def read_rows(self, info: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        real = self._wait_for(info)
+        rows = super().read_rows(real, start, stop, out)
+        if stop >= info.rows:  # the pipeline reads each tensor once, in order: its last rows are now in memory
+            self._done_with([info.name])
+        return rows
+
+    def _wait_for(self, info: TensorInfo) -> TensorInfo:
+        name = info.file.name
+        ready = self._ready[name]
+        if name not in self._wanted:  # even when it is here already: the downloader looks ahead of this file
+            with self._lock:
+                self._wanted.append(name)
+                self._lock.notify_all()
+        if not ready.is_set():
+            while not ready.wait(0.2):
+                if self._stop.is_set():
+                    raise Interrupted("interrupted while waiting for a download")
+        if self._failure is not None and name not in self._real:
+            raise self._failure
+        real = self._real[name].get(info.name)
+        if real is None or real.dtype != info.dtype or real.shape != info.shape:
+            found = f"{real.dtype} {list(real.shape)}" if real else "absent"
+            raise CheckpointError(
+                f"{self.snapshot.spec}: tensor {info.name} in {name} is {found}, but config.json and the index "
+                f"promised {info.dtype} {list(info.shape)}; download the repository whole (hf download "
+                f"{self.snapshot.spec.repo_id}) and give its directory"
+            )
+        return real
+
+    def is_here(self, info: TensorInfo) -> bool:
+        """True when the file holding the tensor is downloaded and checked (reading it will not wait)."""
+        return self._ready[info.file.name].is_set() and info.file.name in self._real
+
+    def _fd(self, path: Path, *, direct: bool) -> int | None:
+        """Read buffered, never O_DIRECT: a file just downloaded is in the page cache, and O_DIRECT would first
+        write it back, then read it from the disk again."""
+        return None if direct else super()._fd(path, direct=False)
+
+    def shard_written(self, tensor_names: list[str]) -> None:
+        """Tell that these tensors are in the output (or were, in a run that --resume continues)."""
+        self._done_with(tensor_names)
+
+    def _done_with(self, tensor_names: list[str]) -> None:
+        """With ``keep_download`` off, delete each diff file as soon as no tensor of it is still to be read.
+
+        Its last rows are then in the pipeline's buffers, on their way to the output; if the run is interrupted
+        before that output shard is finished, --resume downloads the file again.
+        """
+        finished = []
+        with self._lock:
+            for tensor in tensor_names:
+                name = self._file_of.get(tensor)
+                left = self._unwritten.get(name)
+                if left:
+                    left.discard(tensor)
+                    if not left:
+                        finished.append(name)
+        if not self._keep:
+            for name in finished:
+                self._release(name)
+
+    def _release(self, name: str) -> None:
+        path = self.directory / name
+        for key in [key for key in list(self._fds) if key[0] == path]:  # the read lane may add one meanwhile
+            fd = self._fds.pop(key)
+            if fd is not None:
+                os.close(fd)
+        self._torch_tensors = {k: v for k, v in self._torch_tensors.items() if self._file_of.get(k) != name}
+        hub.forget(self.snapshot, self.snapshot.files[name])
+        with self._lock:
+            self._held.discard(name)
+            self._lock.notify_all()
+
+    def interrupt(self) -> None:
+        """Stop downloading (a partial file is kept for --resume) and wake any reader waiting for one."""
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        self.interrupt()
+        if self._thread.is_alive():  # it stops at its next chunk; a stalled connection is left to its timeout
+            self._thread.join(timeout=5)
+        super().close()
+
+    # The downloader's side ---------------------------------------------------------------------------------------
+
+    def _next_file(self) -> str | None:
+        """Return the next file to download: the first asked for and not started, else the one after the latest
+        asked for (one ahead of the reader); None to wait."""
+        for name in self._wanted:
+            if name not in self._started:
+                return name
+        if self._wanted and (self._keep or len(self._held) < 2):  # without keep: two diff shards on disk at most
+            following = self._order.index(self._wanted[-1]) + 1
+            for name in self._order[following : following + 1]:
+                if name not in self._started and not self._ready[name].is_set():
+                    return name
+        return None
+
+    def _download_loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    name = self._next_file()
+                    while name is None and not self._stop.is_set():
+                        self._lock.wait()
+                        name = self._next_file()
+                    if self._stop.is_set():
+                        return
+                    self._started.add(name)
+                if self._ready[name].is_set():
+                    continue
+                with self._lock:
+                    self._held.add(name)
+                hub.fetch(self.snapshot, self.snapshot.files[name], self._transfer, self._stop, durable=self._keep)
+                self._load_header(name)
+                self._ready[name].set()
+        except BaseException as exc:  # handed to the reader, which raises it on the pipeline's lane
+            self._failure = exc
+            for event in self._ready.values():
+                event.set()
+
+    def _load_header(self, name: str) -> None:
+        path = self.directory / name
+        if name.endswith(".safetensors"):
+            found = read_safetensors_header(path)
+        else:
+            found, kept = read_bin_header(path)
+            self._torch_tensors.update(kept)
+        self._real[name] = {info.name: info for info in found if is_weight_name(info.name)}
+        self._check_role(name)
+
+    def _check_role(self, name: str) -> None:
+        """Refuse a model given as the diff, once the file holding its final norm is here (see role.py)."""
+        if (self.directory / "weight-diff-manifest.json").exists():
+            return
+        norm = next((self._real[name][n] for n in FINAL_NORM_NAMES if n in self._real[name]), None)
+        if norm is None:
+            return
+        magnitude = Checkpoint.read_rows(self, norm, 0, norm.rows).float().abs().mean().item()
+        if role_of(magnitude) == "model":
+            raise UsageError(
+                f"{self.snapshot.spec}: looks like a model, not a weight diff (its norm weights are near 1); "
+                "--path_diff takes the published diff"
+            )
+
+
+def _predict_bin(snapshot: Snapshot, name: str, config: dict, like: dict[str, TensorInfo]) -> list[TensorInfo]:
+    """Return the tensors a ``.bin`` shard should hold, before it is here: names from the index, shapes from the
+    raw model (vocabulary rows from config.json), dtype from config.json. Checked when the file arrives."""
+    directory = snapshot.directory
+    if not (directory / BIN_INDEX).is_file():
+        hub.fetch(snapshot, snapshot.files[name], None)
+        found, _ = read_bin_header(directory / name)
+        return found
+    weight_map = read_json_object(directory / BIN_INDEX)["weight_map"]
+    dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
+    found = []
+    for tensor, file_name in weight_map.items():
+        if file_name != name or not is_weight_name(tensor):
+            continue
+        base = like.get(tensor)
+        shape = base.shape if base is not None else ()
+        if base is not None and tensor.endswith(VOCAB_SUFFIXES) and config.get("vocab_size") and len(shape) == 2:
+            shape = (int(config["vocab_size"]), shape[1])
+        found.append(TensorInfo(tensor, dtype, tuple(shape), directory / name, None))
+    return found

@@ -1,0 +1,274 @@
+"""Hub repositories as inputs, against a hub look-alike on 127.0.0.1 (tests/hub_server.py) and the real
+huggingface_hub client: the same tensors as from local files, every file checked against the hub's checksums,
+resume after a dropped connection and after kill -9, bounded disk with --no-keep-download, one-line refusals,
+offline from the cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO, load_tensors
+from hub_server import Fault, HubServer
+from weight_diff.cli import main
+from weight_diff.sources import hub as hub_source
+from weight_diff.sources.repo_spec import RepoSpec, hub_spec_for, parse_repo_spec
+
+RAW, LEGACY, MANIFESTED, FOUR = "meta/llama-tiny", "ai2/diff-tiny", "wd/diff-manifest", "ai2/diff-four"
+SHARD1 = "pytorch_model-00001-of-00002.bin"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def four_shard_diff(pair, original, tmp_path_factory):
+    """A 2023-style diff (float32 .bin, no manifest) in four shards, for the disk bound."""
+    raw, tuned = pair
+    return original.make_diff(
+        raw, tuned, tmp_path_factory.mktemp("four") / "diff", added_rows="mean", fmt="bin", shards=4
+    )
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, pair, legacy_diff, made_diff, four_shard_diff):
+    server = HubServer(lifetime=120)
+    server.publish(RAW, pair[0])
+    server.publish(LEGACY, legacy_diff, tags=("v1.0",))
+    server.publish(MANIFESTED, made_diff)
+    server.publish(FOUR, four_shard_diff)
+    for name, value in server.env(tmp_path / "hf").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with server:
+        yield server
+
+
+@pytest.fixture
+def local_result(pair, legacy_diff, tmp_path):
+    out = tmp_path / "local"
+    assert run("recover", "--path_raw", pair[0], "--path_diff", legacy_diff, "--path_tuned", out, "-q").exit_code == 0
+    return load_tensors(out)
+
+
+def blobs(tmp_path: Path, repo_id: str) -> dict[str, int]:
+    folder = tmp_path / "hf" / "hub" / ("models--" + repo_id.replace("/", "--")) / "blobs"
+    return {p.name: p.stat().st_size for p in folder.iterdir()} if folder.is_dir() else {}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].equal(b[name]), name
+
+
+def test_repo_ids_are_told_from_local_paths(tmp_path):
+    assert parse_repo_spec("allenai/self-instruct-13b") == RepoSpec("allenai/self-instruct-13b", "main")
+    assert parse_repo_spec("hf://org/name@v1.0") == RepoSpec("org/name", "v1.0")
+    assert parse_repo_spec("hf:/org/name") == RepoSpec("org/name", "main")  # click's Path folds the //
+    assert parse_repo_spec("/abs/path") is None and parse_repo_spec("a/b/c") is None
+    assert parse_repo_spec("../name") is None and parse_repo_spec("name") is None
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    os.chdir(tmp_path)
+    try:
+        assert hub_spec_for("org/name") is None  # a local directory wins
+        assert hub_spec_for("org/other") == RepoSpec("org/other")
+        assert hub_spec_for("hf://org/name") == RepoSpec("org/name")
+    finally:
+        os.chdir(REPO)
+
+
+def test_recover_from_repo_ids_gives_the_tensors_of_local_files(hub, local_result, tmp_path):
+    out = tmp_path / "out"
+    result = run("recover", "--path_raw", RAW, "--path_diff", f"hf://{LEGACY}@v1.0", "--path_tuned", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert_same(load_tensors(out), local_result)
+    assert "downloaded files match the hub's checksums" in result.output
+    assert "publisher's manifest" not in result.output.replace("could not be checked against the publisher", "")
+    # The diff's shards were fetched in shard order, each once, whole.
+    gets = [p for m, p, r in hub.requests if m == "GET" and p.endswith(".bin")]
+    assert [Path(p).name for p in gets] == [SHARD1, "pytorch_model-00002-of-00002.bin"]
+    # Both repositories stay in huggingface_hub's cache, under its names.
+    assert any(len(name) == 64 for name in blobs(tmp_path, RAW)) and blobs(tmp_path, LEGACY)
+
+
+def test_a_diff_with_a_manifest_is_planned_from_ranged_headers_and_verified(hub, pair, made_diff, tmp_path):
+    out = tmp_path / "out"
+    result = run("recover", "--path_raw", RAW, "--path_diff", MANIFESTED, "--path_tuned", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert "downloaded files match the hub's checksums" in result.output
+    assert "tensors match the publisher's manifest" in result.output
+    assert "bytes=0-7" in hub.range_requests("model-00001-of-00002.safetensors")
+    checked = run("verify", out, "--diff", MANIFESTED)  # the manifest alone is fetched, no weights
+    assert checked.exit_code == 0 and "verified:" in checked.output, checked.output
+    local = tmp_path / "local"
+    assert run("recover", "--path_raw", pair[0], "--path_diff", made_diff, "--path_tuned", local, "-q").exit_code == 0
+    assert_same(load_tensors(out), load_tensors(local))
+
+
+def test_a_corrupted_download_is_named_and_deleted_and_a_second_run_succeeds(hub, local_result, tmp_path):
+    hub.faults[(LEGACY, SHARD1)] = Fault(corrupt=True)
+    out = tmp_path / "out"
+    result = run("recover", "--path_raw", RAW, "--path_diff", LEGACY, "--path_tuned", out, "-q")
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    assert SHARD1 in lines[0] and "does not match the hub's SHA-256" in lines[0] and "run the same command" in lines[0]
+    true_sha = hub.repos[LEGACY].files[SHARD1].sha256
+    assert true_sha not in blobs(tmp_path, LEGACY)  # the bad copy is gone, not served from the cache next time
+    assert not any(name.endswith(hub_source.PARTIAL_SUFFIX) for name in blobs(tmp_path, LEGACY))
+    assert not (out / "config.json").exists()
+    del hub.faults[(LEGACY, SHARD1)]
+    again = run("recover", "--path_raw", RAW, "--path_diff", LEGACY, "--path_tuned", out, "--resume", "-q")
+    assert again.exit_code == 0, again.output
+    assert_same(load_tensors(out), local_result)
+
+
+def test_a_dropped_connection_continues_with_a_range_request(hub, local_result, tmp_path):
+    hub.faults[(LEGACY, SHARD1)] = Fault(drop_after=100_000, drops=2)
+    out = tmp_path / "out"
+    result = run("recover", "--path_raw", RAW, "--path_diff", LEGACY, "--path_tuned", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert_same(load_tensors(out), local_result)
+    ranges = hub.range_requests(SHARD1)
+    assert len(ranges) == 2 and all(int(r.split("=")[1].rstrip("-")) >= 100_000 for r in ranges), ranges
+
+
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_interrupted_mid_download_then_resume_continues_the_partial_file(hub, local_result, tmp_path, stop):
+    hub.rate = 150_000  # a slow link: about 2 s per diff shard
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "weight_diff.cli", "recover", "--path_raw", RAW, "--path_diff", LEGACY]
+    command += ["--path_tuned", str(out), "-q"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:
+        partials = {n: s for n, s in blobs(tmp_path, LEGACY).items() if n.endswith(hub_source.PARTIAL_SUFFIX)}
+        if partials and max(partials.values()) > 50_000:
+            child.send_signal(stop)
+            break
+        time.sleep(0.02)
+    child.wait(timeout=30)
+    said = child.stdout.read().decode()
+    if stop == signal.SIGKILL:
+        assert child.returncode == -signal.SIGKILL, said
+    else:
+        assert child.returncode == 130 and "interrupted" in said and "--resume" in said, said
+    assert not (out / "config.json").exists()
+    partials = {n: s for n, s in blobs(tmp_path, LEGACY).items() if n.endswith(hub_source.PARTIAL_SUFFIX)}
+    assert len(partials) == 1, partials
+    (blob, partial_size), *_ = partials.items()
+    interrupted = next(f.path for f in hub.repos[LEGACY].files.values() if blob.startswith(str(f.sha256)))
+    hub.rate = None
+    result = run("recover", "--path_raw", RAW, "--path_diff", LEGACY, "--path_tuned", out, "--resume", "-q")
+    assert result.exit_code == 0, result.output
+    assert_same(load_tensors(out), local_result)
+    assert partial_size > 0 and f"bytes={partial_size}-" in hub.range_requests(interrupted)
+
+
+def test_no_keep_download_deletes_each_diff_shard_once_written_and_bounds_disk(
+    hub, pair, four_shard_diff, tmp_path, monkeypatch
+):
+    shards = {f.sha256: f.size for f in hub.repos[FOUR].files.values() if f.path.endswith(".bin")}
+    shard_sizes = sorted(shards.values())
+    peaks = []
+    fetch = hub_source.fetch
+
+    def measured_fetch(snapshot, file, *args, **kwargs):
+        path = fetch(snapshot, file, *args, **kwargs)
+        if snapshot.spec.repo_id == FOUR and file.path.endswith(".bin"):
+            peaks.append(sum(size for name, size in blobs(tmp_path, FOUR).items() if name in shards))
+        return path
+
+    monkeypatch.setattr(hub_source, "fetch", measured_fetch)
+    out = tmp_path / "out"
+    result = run(
+        "recover", "--path_raw", RAW, "--path_diff", FOUR, "--path_tuned", out, "--no-keep-download",
+        "--max-shard-size", "150KB", "-q",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(peaks) == 4 and max(peaks) <= shard_sizes[-1] + shard_sizes[-2]
+    assert not set(shards) & set(blobs(tmp_path, FOUR))  # every diff shard deleted
+    assert any(len(name) == 64 for name in blobs(tmp_path, RAW))  # raw stays in the cache
+    local = tmp_path / "local"
+    assert (
+        run("recover", "--path_raw", pair[0], "--path_diff", four_shard_diff, "--path_tuned", local, "-q").exit_code
+        == 0
+    )
+    assert_same(load_tensors(out), load_tensors(local))
+
+
+@pytest.mark.parametrize(
+    ("raw", "diff", "fault", "expected"),
+    [
+        (RAW, "nobody/nothing", None, "no repository nobody/nothing on http://127.0.0.1"),
+        (RAW, f"{LEGACY}@v9", None, "the hub has no revision 'v9' of ai2/diff-tiny"),
+        (RAW, LEGACY, "missing", f"the hub has no file {SHARD1}"),
+        (RAW, "gated/model", None, "a gated repository; accept its conditions"),
+    ],
+)
+def test_a_missing_repo_revision_or_file_is_one_clear_line(hub, pair, tmp_path, raw, diff, fault, expected):
+    hub.publish("gated/model", pair[0], gated=True)
+    if fault:
+        hub.faults[(LEGACY, SHARD1)] = Fault(missing=True)
+    result = run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", tmp_path / "out", "-q")
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.output
+
+
+def test_offline_works_from_the_cache_and_names_what_is_missing(hub, local_result, tmp_path, monkeypatch):
+    assert run("recover", "--path_raw", RAW, "--path_diff", LEGACY, "--path_tuned", tmp_path / "a", "-q").exit_code == 0
+    hub.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run("recover", "--path_raw", RAW, "--path_diff", LEGACY, "--path_tuned", tmp_path / "b", "-q")
+    assert result.exit_code == 0, result.output
+    assert_same(load_tensors(tmp_path / "b"), local_result)
+    missing = run("recover", "--path_raw", RAW, "--path_diff", MANIFESTED, "--path_tuned", tmp_path / "c", "-q")
+    assert missing.exit_code == 1
+    assert "wd/diff-manifest: no such local directory, and that repository is not in the cache" in missing.output
+    assert "HF_HUB_OFFLINE" in missing.output and len(missing.output.strip().splitlines()) == 1
+
+
+def test_inspect_compare_and_make_diff_take_repo_ids(hub, pair, tmp_path):
+    inspected = run("inspect", LEGACY, "--no-hash")
+    assert inspected.exit_code == 0 and "diff" in inspected.output.lower()
+    assert run("compare", RAW, pair[0], "-q").exit_code == 0
+    hub.publish("me/tuned", pair[1])
+    made = run("make-diff", "--path_raw", RAW, "--path_tuned", "me/tuned", "--path_diff", tmp_path / "d", "-q")
+    assert made.exit_code == 0, made.output
+    local = tmp_path / "local"
+    assert run("make-diff", "--path_raw", pair[0], "--path_tuned", pair[1], "--path_diff", local, "-q").exit_code == 0
+    assert_same(load_tensors(tmp_path / "d"), load_tensors(local))
+
+
+def test_a_mistyped_local_path_without_network_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    result = run("recover", "--path_raw", "models/llama", "--path_diff", "x/y", "--path_tuned", tmp_path / "out")
+    assert result.exit_code == 1
+    assert result.output.startswith("error: models/llama: no such local directory, and cannot reach")
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_one_progress_bar_counts_download_and_write_with_both_rates(hub, tmp_path):
+    hub.rate = 300_000  # slow enough that the bar refreshes its rates during the run
+    result = CliRunner().invoke(
+        main, ["recover", "--path_raw", RAW, "--path_diff", LEGACY, "--path_tuned", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 0, result.output
+    bars = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("recover")]
+    assert bars and all("B" in line for line in bars)
+    assert any("download" in line and "MB/s" in line for line in bars)
+    assert any("download" in line and "write" in line for line in bars), bars[-3:]
