@@ -112,7 +112,9 @@ def recover(
     raw_dir = hub.input_dir(path_raw, transfer)
     with (
         Checkpoint.open(raw_dir, hidden_size=meta.size_hint(diff_dir), verify_md5=verify_md5) as raw,
-        hub_diff.open_diff(path_diff, like=raw.tensors, keep_download=keep_download, transfer=transfer) as diff,
+        hub_diff.open_diff(
+            path_diff, like=raw.tensors, keep_download=keep_download, transfer=transfer, resume=resume
+        ) as diff,
     ):
         manifest = Manifest.load(diff_dir)
         _check_roles(raw, diff, manifest)

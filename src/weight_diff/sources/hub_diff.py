@@ -38,14 +38,18 @@ def open_diff(
     like: dict[str, TensorInfo],
     keep_download: bool = True,
     transfer: Transfer | None = None,
+    resume: bool = False,
 ) -> Checkpoint:
     """Return the diff as a checkpoint: a local directory opened as usual, or a hub repository whose weight files
     download one ahead of the reader. ``like`` (the raw model's tensors) predicts the shapes in ``.bin`` shards,
-    whose offsets are known only once the whole file is here."""
+    whose offsets are known only once the whole file is here. Unless resuming (when the first shards may not be
+    needed), the first shard starts downloading at once, while the run plans."""
     spec = hub_spec_for(path)
     if spec is None:
         return Checkpoint.open(path)
-    return HubCheckpoint.start(hub.resolve(spec), like=like, keep_download=keep_download, transfer=transfer)
+    return HubCheckpoint.start(
+        hub.resolve(spec), like=like, keep_download=keep_download, transfer=transfer, prefetch=not resume
+    )
 
 
 class HubCheckpoint(Checkpoint):
@@ -62,6 +66,7 @@ class HubCheckpoint(Checkpoint):
         like: dict[str, TensorInfo],
         keep_download: bool = True,
         transfer: Transfer | None = None,
+        prefetch: bool = False,
     ) -> HubCheckpoint:
         transfer = transfer or hub.NoTransfer()
         hub.fetch_small_files(snapshot, transfer)  # config, index, manifest: needed to plan
@@ -89,6 +94,8 @@ class HubCheckpoint(Checkpoint):
         checkpoint._unwritten = {}
         for tensor, file_name in checkpoint._file_of.items():
             checkpoint._unwritten.setdefault(file_name, set()).add(tensor)
+        if prefetch and order:
+            checkpoint._wanted.append(order[0])
         checkpoint._thread.start()
         return checkpoint
 
