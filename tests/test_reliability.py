@@ -140,8 +140,9 @@ def test_a_non_empty_output_is_refused_untouched(pair, made_diff, tmp_path):
     result = recover_cli(raw, made_diff, out)
     assert result.exit_code == 2 and "exists and is not empty" in result.output
     assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
-    replaced = recover_cli(raw, made_diff, out, "--overwrite")
-    assert replaced.exit_code == 0 and not (out / "precious.txt").exists() and (out / "config.json").exists()
+    refused = recover_cli(raw, made_diff, out, "--overwrite")  # not an output of ours: --overwrite keeps it too
+    assert refused.exit_code == 2 and "--overwrite will not empty it" in refused.output
+    assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "keep me"
 
 
 @pytest.mark.parametrize("where", ["inside-diff", "is-diff", "holds-raw"])

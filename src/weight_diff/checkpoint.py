@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import CheckpointError, first_line
+from .untrusted import given_path
 
 if TYPE_CHECKING:
     from .sources.meta import Assembly
@@ -158,7 +159,7 @@ class Checkpoint:
         """
         from .sources import meta
 
-        directory = Path(directory)
+        directory = given_path(directory, "model directory")
         if not directory.exists():
             raise CheckpointError(f"{directory}: no such directory")
         if not directory.is_dir():

@@ -86,7 +86,7 @@ def reports_errors(command: Callable) -> Callable:
 def _path_option(name: str, help_text: str) -> Callable:
     """An option spelled both ``--path_raw`` (the model card's spelling) and ``--path-raw``."""
     return click.option(
-        f"--{name}", f"--{name.replace('_', '-')}", name, required=True, type=click.Path(path_type=Path), help=help_text
+        f"--{name}", f"--{name.replace('_', '-')}", name, required=True, type=click.Path(), help=help_text
     )
 
 
@@ -250,7 +250,9 @@ def _run_job(job: Callable, label: str, quiet: bool, chat_template: str | None, 
 def _input_dir(path: Path, *, quiet: bool, weights: bool = True) -> Path:
     """Return a local directory for PATH: itself, or the hub repository it names, downloaded and checked."""
     from .sources.hub import input_dir
+    from .untrusted import given_path
 
+    given_path(path, "input")  # an empty path is refused, never resolved as the current directory
     progress = _Progress(quiet, "download")
     try:
         return input_dir(path, progress, weights=weights)
@@ -447,11 +449,11 @@ Examples:
   weight-diff verify self-instruct-13b-diff                              # a diff against its own manifest
 """
 )
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path())
 @click.option(
     "--diff",
     "diff_dir",
-    type=click.Path(path_type=Path),
+    type=click.Path(),
     default=None,
     help="Also check the model's tensors against this diff's manifest.",
 )
@@ -492,7 +494,7 @@ Example:
   weight-diff generate self-instruct-13b --prompt "Give three tips for staying healthy." --max-new-tokens 200
 """
 )
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path())
 @click.option("--prompt", required=True, help="The user's message; formatted with the model's chat template.")
 @click.option(
     "--max-new-tokens",
@@ -528,7 +530,7 @@ Examples:
   weight-diff inspect self-instruct-13b --json
 """
 )
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object, for scripts.")
 @click.option(
     "--no-hash",
@@ -561,8 +563,8 @@ Examples:
 Exit status: 0 when every tensor agrees within --tol, 1 when they differ, 2 when they could not be compared.
 """
 )
-@click.argument("a", type=click.Path(path_type=Path))
-@click.argument("b", type=click.Path(path_type=Path))
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
 @click.option(
     "--tol",
     type=float,

@@ -10,7 +10,6 @@ The prompt is formatted with the model's own chat template, or with the open-ins
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .chat_template import OPEN_INSTRUCT
@@ -18,6 +17,7 @@ from .checkpoint import Checkpoint
 from .errors import CheckpointError, UsageError, first_line
 from .role import classify
 from .tokenizer import load as load_tokenizer
+from .untrusted import given_path
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +38,7 @@ def generate(
 
     ``dtype`` "auto" keeps the stored dtype; ``device`` defaults to the first GPU when there is one.
     """
-    directory = Path(model_dir)
+    directory = given_path(model_dir, "generate")
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: give 1 or more")
     if dtype not in DTYPES:

@@ -28,6 +28,7 @@ from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, format_size
 from .role import classify
 from .sources import meta
 from .tokenizer import describe as describe_tokenizer
+from .untrusted import given_path
 from .verify import check_sums
 from .xor import detect_files
 
@@ -114,7 +115,7 @@ class Inspection:
 def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspection:
     """Return what the directory holds; ``check_sums=False`` skips hashing the files against ``SHA256SUMS`` (or
     Meta's ``checklist.chk``)."""
-    directory = Path(path)
+    directory = given_path(path, "inspect")
     found = detect_files(directory) if directory.is_dir() else None
     if found:
         return _xor_payload(directory, *found)

@@ -29,6 +29,7 @@ from .pipeline import Hashing, Pipeline, TensorDigests
 from .plan import Plan, TensorJob, plan_pairs
 from .role import classify
 from .sources import hub, hub_diff, meta
+from .untrusted import given_path
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DIFF_FORMATS = ("float32", "compact")
@@ -83,98 +84,109 @@ def recover(
     Either input may be a hub repository (``org/name[@revision]``): raw is downloaded first, the diff shard by
     shard while it is recovered; ``keep_download=False`` deletes each diff shard once its tensors are read.
     """
-    out = Path(path_tuned)
-    output.check_location(
+    out = given_path(path_tuned, "--path_tuned")
+    for given, flag in ((path_raw, "--path_raw"), (path_diff, "--path_diff")):
+        given_path(given, flag)  # an empty one is never taken as the current directory
+    with output.claim(
         out, [hub.snapshot_dir(path_raw), hub.snapshot_dir(path_diff)], overwrite=overwrite, resume=resume
-    )
-    from_hub = hub.hub_spec_for(path_raw) is not None or hub.hub_spec_for(path_diff) is not None
-    rule = families.family_named(family) if family is not None else None
-    diff_dir = hub.input_dir(path_diff, transfer, weights=False)  # a hub diff: its small files, to tell its kind
-    found = xor.detect_files(diff_dir) if diff_dir.is_dir() and rule is None else None
-    if found or (rule is not None and rule.xor_codec):
-        chosen = rule or next(f for f in families.FAMILIES if f.xor_codec == found[0])
-        reason = found[1] if found else "chosen with --family"
-        raw_dir = hub.input_dir(path_raw, transfer, every_file=True)
-        diff_dir = hub.input_dir(path_diff, transfer, every_file=True)
-        report = _recover_xor(raw_dir, diff_dir, out, chosen, reason, dtype, chat_template, overwrite, resume, progress)
-        return replace(report, downloads_checked=from_hub)
-    if compact.is_compact(diff_dir):
-        if rule is not None and rule.name != "weight-diff":
-            raise UsageError(f"{diff_dir}: a compact weight-diff diff, not a {rule.name} diff; omit --family")
-        raw_dir = hub.input_dir(path_raw, transfer)
-        diff_dir = hub.input_dir(path_diff, transfer, every_file=True)
-        report = _recover_compact(
-            raw_dir, diff_dir, out, Manifest.load(diff_dir), dtype=dtype, max_shard_size=max_shard_size,
-            overwrite=overwrite, resume=resume, chat_template=chat_template, progress=progress, on_plan=on_plan,
-            verify_md5=verify_md5,
-        )  # fmt: skip
-        return replace(report, downloads_checked=from_hub)
-    raw_dir = hub.input_dir(path_raw, transfer)
-    with (
-        Checkpoint.open(raw_dir, hidden_size=meta.size_hint(diff_dir), verify_md5=verify_md5) as raw,
-        hub_diff.open_diff(
-            path_diff, like=raw.tensors, keep_download=keep_download, transfer=transfer, resume=resume
-        ) as diff,
     ):
-        manifest = Manifest.load(diff_dir)
-        _check_roles(raw, diff, manifest)
-        meta.check_base(raw, diff_dir, "diff")
-        if rule is not None:
-            reason = "chosen with --family"
-        else:
-            rule, reason = families.detect(families.evidence_of(diff, raw))
-        if manifest is None or rule.name != "weight-diff":
-            manifest = None
-        plan = plan_pairs(
-            raw.tensors, diff.tensors, other_role="diff", out_dtype=dtype, max_shard_size=max_shard_size, family=rule
-        )
-        if manifest is not None:
-            check_manifest_covers(manifest, plan)
-        tokens = tokenizer.prepare(diff_dir)  # built and checked before the first write
-        diff_config = files.read_config(diff_dir)
-        plausibility = _check_before_writing(
-            plan, raw, diff, diff_config, "diff", has_manifest=manifest is not None, ignore=ignore_checks,
-            on_finding=on_finding,
-        )  # fmt: skip
-        config = tokens.config_with_pad(files.config_with_dtype(diff_config, plan.dtype))
-        expected = families.expected_sum(rule, diff_dir)
-        sums: dict[str, float] = {}
-        checks: list[str] = []
-
-        def on_tensor(job: TensorJob, digests: TensorDigests) -> None:
+        from_hub = hub.hub_spec_for(path_raw) is not None or hub.hub_spec_for(path_diff) is not None
+        rule = families.family_named(family) if family is not None else None
+        diff_dir = hub.input_dir(path_diff, transfer, weights=False)  # a hub diff: its small files, to tell its kind
+        found = xor.detect_files(diff_dir) if diff_dir.is_dir() and rule is None else None
+        if found or (rule is not None and rule.xor_codec):
+            chosen = rule or next(f for f in families.FAMILIES if f.xor_codec == found[0])
+            reason = found[1] if found else "chosen with --family"
+            raw_dir = hub.input_dir(path_raw, transfer, every_file=True)
+            diff_dir = hub.input_dir(path_diff, transfer, every_file=True)
+            report = _recover_xor(
+                raw_dir, diff_dir, out, chosen, reason, dtype, chat_template, overwrite, resume, progress
+            )
+            return replace(report, downloads_checked=from_hub)
+        if compact.is_compact(diff_dir):
+            if rule is not None and rule.name != "weight-diff":
+                raise UsageError(f"{diff_dir}: a compact weight-diff diff, not a {rule.name} diff; omit --family")
+            raw_dir = hub.input_dir(path_raw, transfer)
+            diff_dir = hub.input_dir(path_diff, transfer, every_file=True)
+            report = _recover_compact(
+                raw_dir, diff_dir, out, Manifest.load(diff_dir), dtype=dtype, max_shard_size=max_shard_size,
+                overwrite=overwrite, resume=resume, chat_template=chat_template, progress=progress, on_plan=on_plan,
+                verify_md5=verify_md5,
+            )  # fmt: skip
+            return replace(report, downloads_checked=from_hub)
+        raw_dir = hub.input_dir(path_raw, transfer)
+        with (
+            Checkpoint.open(raw_dir, hidden_size=meta.size_hint(diff_dir), verify_md5=verify_md5) as raw,
+            hub_diff.open_diff(
+                path_diff, like=raw.tensors, keep_download=keep_download, transfer=transfer, resume=resume
+            ) as diff,
+        ):
+            manifest = Manifest.load(diff_dir)
+            _check_roles(raw, diff, manifest)
+            meta.check_base(raw, diff_dir, "diff")
+            if rule is not None:
+                reason = "chosen with --family"
+            else:
+                rule, reason = families.detect(families.evidence_of(diff, raw))
+            if manifest is None or rule.name != "weight-diff":
+                manifest = None
+            plan = plan_pairs(
+                raw.tensors,
+                diff.tensors,
+                other_role="diff",
+                out_dtype=dtype,
+                max_shard_size=max_shard_size,
+                family=rule,
+            )
             if manifest is not None:
-                check_tensor(manifest.tensors[job.name], job, digests)
-            if digests.sum is not None:
-                sums[job.name] = digests.sum
+                check_manifest_covers(manifest, plan)
+            tokens = tokenizer.prepare(diff_dir)  # built and checked before the first write
+            diff_config = files.read_config(diff_dir)
+            plausibility = _check_before_writing(
+                plan, raw, diff, diff_config, "diff", has_manifest=manifest is not None, ignore=ignore_checks,
+                on_finding=on_finding,
+            )  # fmt: skip
+            config = tokens.config_with_pad(files.config_with_dtype(diff_config, plan.dtype))
+            expected = families.expected_sum(rule, diff_dir)
+            sums: dict[str, float] = {}
+            checks: list[str] = []
 
-        def recovery_record() -> bytes:
-            if expected is not None:
-                checks.append(_check_family_sum(rule, expected, sums, plan, raw, config))
-            origin = diff.origin if isinstance(diff, hub_diff.HubCheckpoint) else None
-            return _recovery_record(diff_dir, manifest, plan, rule, checks, origin)
+            def on_tensor(job: TensorJob, digests: TensorDigests) -> None:
+                if manifest is not None:
+                    check_tensor(manifest.tensors[job.name], job, digests)
+                if digests.sum is not None:
+                    sums[job.name] = digests.sum
 
-        report = _run(
-            "recover",
-            plan,
-            raw,
-            diff,
-            out,
-            hashing=Hashing(raw=manifest is not None, result=manifest is not None, sums=expected is not None),
-            on_tensor=on_tensor,
-            config=config,
-            companions=files.companion_files(diff_dir),
-            tokens=tokens,
-            extra_files={RECOVERY_NAME: recovery_record},
-            chat_template=chat_template,
-            overwrite=overwrite,
-            resume=resume,
-            progress=progress,
-            on_plan=on_plan,
-            has_manifest=manifest is not None,
-            plausibility=plausibility,
-            on_shard_written=diff.shard_written if isinstance(diff, hub_diff.HubCheckpoint) else None,
-        )
-        return replace(report, family=rule.name, family_reason=reason, checks=tuple(checks), downloads_checked=from_hub)
+            def recovery_record() -> bytes:
+                if expected is not None:
+                    checks.append(_check_family_sum(rule, expected, sums, plan, raw, config))
+                origin = diff.origin if isinstance(diff, hub_diff.HubCheckpoint) else None
+                return _recovery_record(diff_dir, manifest, plan, rule, checks, origin)
+
+            report = _run(
+                "recover",
+                plan,
+                raw,
+                diff,
+                out,
+                hashing=Hashing(raw=manifest is not None, result=manifest is not None, sums=expected is not None),
+                on_tensor=on_tensor,
+                config=config,
+                companions=files.companion_files(diff_dir),
+                tokens=tokens,
+                extra_files={RECOVERY_NAME: recovery_record},
+                chat_template=chat_template,
+                overwrite=overwrite,
+                resume=resume,
+                progress=progress,
+                on_plan=on_plan,
+                has_manifest=manifest is not None,
+                plausibility=plausibility,
+                on_shard_written=diff.shard_written if isinstance(diff, hub_diff.HubCheckpoint) else None,
+            )
+            return replace(
+                report, family=rule.name, family_reason=reason, checks=tuple(checks), downloads_checked=from_hub
+            )
 
 
 def _recover_xor(
@@ -198,7 +210,9 @@ def _recover_xor(
     started = time.monotonic()
     plan = xor.plan_for(rule.xor_codec, diff_dir, raw_dir)
     output.check_free_space(out, plan.total_size)
-    xor.prepare_output(out, overwrite=overwrite)
+    if overwrite and out.is_dir() and any(out.iterdir()):
+        output.clear_for_overwrite(out)  # only files of ours, never the whole directory
+    xor.prepare_output(out, overwrite=False)
     done = xor.apply_xor(plan, out, progress or (lambda nbytes: None))
     checks = []
     if done.checked:
@@ -280,79 +294,85 @@ def make_diff(
         raise UsageError(f"--format {diff_format}: choose {' or '.join(DIFF_FORMATS)}")
     if diff_format == "compact" and family is not None:
         raise UsageError(f"--format compact and --family {family}: a compact diff is weight-diff's own; choose one")
-    out = Path(path_diff)
+    out = given_path(path_diff, "--path_diff")
+    for given, flag in ((path_raw, "--path_raw"), (path_tuned, "--path_tuned")):
+        given_path(given, flag)
     rule = families.family_named(family) if family is not None else None
     if rule is not None and not rule.makes_diff:
         makers = ", ".join(f.name for f in families.FAMILIES if f.makes_diff)
         raise UsageError(f"make-diff --family {rule.name}: not supported; choose one of {makers}")
     if rule is not None and rule.name == "weight-diff":
         rule = None
-    output.check_location(
+    with output.claim(
         out, [hub.snapshot_dir(path_raw), hub.snapshot_dir(path_tuned)], overwrite=overwrite, resume=resume
-    )
-    raw_dir, tuned_dir = hub.input_dir(path_raw, transfer), hub.input_dir(path_tuned, transfer)
-    with (
-        Checkpoint.open(raw_dir, hidden_size=meta.size_hint(tuned_dir), verify_md5=verify_md5) as raw,
-        Checkpoint.open(tuned_dir) as tuned,
     ):
-        for checkpoint, role in ((raw, "raw model"), (tuned, "tuned model")):
-            if classify(checkpoint)[0] == "diff":
-                raise UsageError(f"{checkpoint.directory}: looks like a weight diff, not a {role}")
-        meta.check_base(raw, tuned_dir, "tuned model")
-        if diff_format == "compact":
-            return _make_compact(
-                raw, tuned, out, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
-                chat_template=chat_template, progress=progress, on_plan=on_plan,
-            )  # fmt: skip
-        plan = plan_pairs(
-            raw.tensors,
-            tuned.tensors,
-            other_role="tuned model",
-            out_dtype="auto" if rule else "float32",
-            max_shard_size=max_shard_size,
-            family=rule,
-        )
-        tuned_config = files.read_config(tuned_dir)
-        plausibility = _check_before_writing(
-            plan, raw, tuned, tuned_config, "tuned model", has_manifest=False, ignore=ignore_checks,
-            on_finding=on_finding,
-        )  # fmt: skip
-        records: dict[str, TensorRecord] = {}
-
-        def on_tensor(job: TensorJob, digests: TensorDigests) -> None:
-            if rule is None:
-                records[job.name] = TensorRecord(raw=digests.raw, diff=digests.diff, result=digests.result)
-
-        def manifest_bytes() -> bytes:
-            manifest = Manifest(
-                rules=_rules(plan), tool=_tool_versions(), tensors={job.name: records[job.name] for job in plan.jobs}
+        raw_dir, tuned_dir = hub.input_dir(path_raw, transfer), hub.input_dir(path_tuned, transfer)
+        with (
+            Checkpoint.open(raw_dir, hidden_size=meta.size_hint(tuned_dir), verify_md5=verify_md5) as raw,
+            Checkpoint.open(tuned_dir) as tuned,
+        ):
+            for checkpoint, role in ((raw, "raw model"), (tuned, "tuned model")):
+                if classify(checkpoint)[0] == "diff":
+                    raise UsageError(f"{checkpoint.directory}: looks like a weight diff, not a {role}")
+            meta.check_base(raw, tuned_dir, "tuned model")
+            if diff_format == "compact":
+                return _make_compact(
+                    raw, tuned, out, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
+                    chat_template=chat_template, progress=progress, on_plan=on_plan,
+                )  # fmt: skip
+            plan = plan_pairs(
+                raw.tensors,
+                tuned.tensors,
+                other_role="tuned model",
+                out_dtype="auto" if rule else "float32",
+                max_shard_size=max_shard_size,
+                family=rule,
             )
-            return manifest.to_json().encode()
+            tuned_config = files.read_config(tuned_dir)
+            plausibility = _check_before_writing(
+                plan, raw, tuned, tuned_config, "tuned model", has_manifest=False, ignore=ignore_checks,
+                on_finding=on_finding,
+            )  # fmt: skip
+            records: dict[str, TensorRecord] = {}
 
-        tokens = tokenizer.prepare(tuned_dir)
-        config = tokens.config_with_pad(files.config_with_dtype(tuned_config, plan.dtype))
-        report = _run(
-            "make-diff",
-            plan,
-            raw,
-            tuned,
-            out,
-            hashing=Hashing(raw=True, diff=True, result=True) if rule is None else Hashing(),
-            on_tensor=on_tensor,
-            config=config,
-            companions=files.companion_files(tuned_dir),
-            tokens=tokens,
-            extra_files={MANIFEST_NAME: manifest_bytes} if rule is None else {},
-            chat_template=chat_template,
-            overwrite=overwrite,
-            resume=resume,
-            progress=progress,
-            on_plan=on_plan,
-            has_manifest=rule is None,
-            records=records if rule is None else None,
-            plausibility=plausibility,
-        )
-        return replace(report, family=rule.name if rule else "weight-diff", downloads_checked=raw_dir != Path(path_raw))
+            def on_tensor(job: TensorJob, digests: TensorDigests) -> None:
+                if rule is None:
+                    records[job.name] = TensorRecord(raw=digests.raw, diff=digests.diff, result=digests.result)
+
+            def manifest_bytes() -> bytes:
+                manifest = Manifest(
+                    rules=_rules(plan),
+                    tool=_tool_versions(),
+                    tensors={job.name: records[job.name] for job in plan.jobs},
+                )
+                return manifest.to_json().encode()
+
+            tokens = tokenizer.prepare(tuned_dir)
+            config = tokens.config_with_pad(files.config_with_dtype(tuned_config, plan.dtype))
+            report = _run(
+                "make-diff",
+                plan,
+                raw,
+                tuned,
+                out,
+                hashing=Hashing(raw=True, diff=True, result=True) if rule is None else Hashing(),
+                on_tensor=on_tensor,
+                config=config,
+                companions=files.companion_files(tuned_dir),
+                tokens=tokens,
+                extra_files={MANIFEST_NAME: manifest_bytes} if rule is None else {},
+                chat_template=chat_template,
+                overwrite=overwrite,
+                resume=resume,
+                progress=progress,
+                on_plan=on_plan,
+                has_manifest=rule is None,
+                records=records if rule is None else None,
+                plausibility=plausibility,
+            )
+            return replace(
+                report, family=rule.name if rule else "weight-diff", downloads_checked=raw_dir != Path(path_raw)
+            )
 
 
 def _run(

@@ -5,21 +5,65 @@ Until a run has finished and checked, its output holds no ``config.json`` and so
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError, WeightDiffError
+from .errors import IntegrityError, UsageError, WeightDiffError
 from .files import CONFIG_NAME, write_atomic
-from .manifest import file_sha256
+from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, file_sha256, read_sums
 from .plan import Plan
 from .writer import PARTIAL_SUFFIX
 
 JOURNAL_NAME = ".weight-diff-progress.json"
 SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
+# What a run of ours may leave in its output besides the files its SHA256SUMS lists: --overwrite removes only these.
+OUR_NAMES = {JOURNAL_NAME, SUMS_NAME, CONFIG_NAME, RECOVERY_NAME, MANIFEST_NAME, "model.safetensors.index.json"}
+OUR_SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+# Any one of these marks a weight-diff output (finished: recovery record or manifest; unfinished: the journal).
+OUR_MARKERS = (JOURNAL_NAME, RECOVERY_NAME, MANIFEST_NAME)
+
+
+@contextlib.contextmanager
+def claim(out: Path, inputs: list[Path], *, overwrite: bool, resume: bool) -> Iterator[None]:
+    """Hold ``out`` for one run: refuse unsafe locations, then lock it so that a second run is refused.
+
+    The lock is an advisory ``flock`` on the directory itself, held until the run ends (a crash releases it), so it
+    leaves no file behind. A directory created here and still empty when the run fails is removed again.
+    """
+    check_location(out, inputs, overwrite=overwrite, resume=resume)
+    created = not out.exists()
+    make_output_dir(out)
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise WeightDiffError(f"{out}: cannot open the output directory ({exc.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise UsageError(
+                f"{out}: another weight-diff run is writing there; wait for it to end, or choose another directory"
+            ) from None
+        check_location(out, inputs, overwrite=overwrite, resume=resume)  # again, now that no other run can write
+        yield
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if nothing was written
+        raise
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_location(out: Path, inputs: list[Path], *, overwrite: bool, resume: bool) -> None:
@@ -42,6 +86,41 @@ def check_location(out: Path, inputs: list[Path], *, overwrite: bool, resume: bo
             f"{out}: exists and is not empty; choose a new directory, add --resume to finish an interrupted run, "
             "or --overwrite to replace it"
         )
+    elif has_files:
+        ours_to_remove(out)
+
+
+def ours_to_remove(out: Path) -> list[Path]:
+    """Return what --overwrite removes from ``out``: only files a run of ours wrote there, or refuse.
+
+    A directory is ours when it holds our journal, recovery record or manifest; then every entry must be a file
+    its ``SHA256SUMS`` lists or one of the names we write. Anything else (a folder, a stray file) refuses the run:
+    --overwrite never removes what weight-diff did not write.
+    """
+    if not any((out / marker).is_file() for marker in OUR_MARKERS):
+        raise UsageError(
+            f"{out}: not an output of weight-diff (no {RECOVERY_NAME}, {MANIFEST_NAME} or unfinished run there), so "
+            "--overwrite will not empty it; choose a new directory or empty it yourself"
+        )
+    listed: set[str] = set()
+    if (out / SUMS_NAME).is_file():
+        try:
+            listed = set(read_sums(out / SUMS_NAME))
+        except IntegrityError:
+            listed = set()
+    ours = []
+    for path in sorted(out.iterdir()):
+        name = path.name
+        known = name in listed or name in OUR_NAMES or OUR_SHARD.match(name.removesuffix(PARTIAL_SUFFIX))
+        if not known and name.endswith(PARTIAL_SUFFIX):
+            known = name.removesuffix(PARTIAL_SUFFIX) in listed | OUR_NAMES
+        if not known or path.is_symlink() or not path.is_file():
+            raise UsageError(
+                f"{out}: holds {name}, which weight-diff did not write, so --overwrite will not remove it; move it "
+                "away or choose a new directory"
+            )
+        ours.append(path)
+    return ours
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -58,13 +137,11 @@ def check_free_space(out: Path, needed: int) -> None:
 
 
 def clear_for_overwrite(out: Path) -> None:
-    """Empty an output the user asked to replace; config.json goes first so it stops loading as a model at once."""
+    """Remove an earlier output of ours; config.json goes first so it stops loading as a model at once."""
+    ours = ours_to_remove(out)
     (out / CONFIG_NAME).unlink(missing_ok=True)
-    for path in out.iterdir():
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+    for path in ours:
+        path.unlink(missing_ok=True)
 
 
 def remove_partials(out: Path) -> None:

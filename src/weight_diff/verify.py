@@ -18,6 +18,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .container import compact_files
 from .errors import UsageError
 from .manifest import MANIFEST_NAME, SUMS_NAME, Manifest, dtype_name, file_sha256, read_sums, tensor_bytes
+from .untrusted import given_path
 
 BLOCK_BYTES = 64 * 2**20
 
@@ -51,17 +52,20 @@ class VerifyReport:
 
 def verify(path: str | Path, *, diff: str | Path | None = None) -> VerifyReport:
     """Return the checks of a model directory (or of a diff directory, when it holds a manifest)."""
-    directory = Path(path)
-    if not directory.is_dir():
+    directory = given_path(path, "verify")
+    diff_dir = given_path(diff, "--diff") if diff is not None else None
+    if not directory.exists():
         raise UsageError(f"{directory}: no such directory")
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: not a directory; give the model's or the diff's directory")
     if (directory / MANIFEST_NAME).is_file() and diff is None:
         return _verify_diff(directory)
     report = VerifyReport(directory, "model")
     if not (directory / SUMS_NAME).is_file():
         raise UsageError(f"{directory}: no {SUMS_NAME} to check against; it was not written by weight-diff recover")
     report.checks, report.notes = check_sums(directory)
-    if diff is not None:
-        _check_against_manifest(directory, Path(diff), report)
+    if diff_dir is not None:
+        _check_against_manifest(directory, diff_dir, report)
     return report
 
 
