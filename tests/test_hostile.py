@@ -4,6 +4,7 @@ and the inputs and the current directory byte-for-byte unchanged (issue 10)."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
@@ -173,3 +174,76 @@ def test_the_lock_leaves_nothing_in_a_finished_output(pair, made_diff, tmp_path)
     assert all(p.name in listed or p.name == "SHA256SUMS" for p in out.iterdir()), sorted(os.listdir(out))
     # and the lock is released: the next run may take the output
     assert recover_cli(raw, made_diff, out, "--overwrite").exit_code == 0
+
+
+# --- nothing read outside the named folders ---------------------------------------------------------------------
+
+
+def _sharded_copy(made_diff: Path, copy_dir) -> tuple[Path, dict]:
+    diff = copy_dir(made_diff)
+    index = json.loads((diff / "model.safetensors.index.json").read_text())
+    return diff, index
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("../outside.safetensors", "which is not a file inside"),
+        ("/ABS/outside.safetensors", "which is not a file inside"),
+        ("sub/../../outside.safetensors", "which is not a file inside"),
+        ("", "which is not a file inside"),
+        (5, "not a file name"),
+        (None, "not a file name"),
+        ("fifo.safetensors", "not a regular file"),
+        ("folder.safetensors", "not a regular file"),
+        ("/dev/zero", "which is not a file inside"),
+    ],
+)
+def test_an_index_naming_a_file_outside_its_directory_is_refused_unread(
+    pair, made_diff, copy_dir, tmp_path, target, message
+):
+    raw, _ = pair
+    diff, index = _sharded_copy(made_diff, copy_dir)
+    first = sorted(set(index["weight_map"].values()))[0]
+    shutil.copy(diff / first, tmp_path / "outside.safetensors")  # a valid shard, but not the diff's to name
+    os.mkfifo(diff / "fifo.safetensors")
+    (diff / "folder.safetensors").mkdir()
+    if isinstance(target, str):
+        target = target.replace("/ABS", str(tmp_path))
+    index["weight_map"] = {name: target if file == first else file for name, file in index["weight_map"].items()}
+    (diff / "model.safetensors.index.json").write_text(json.dumps(index))
+    before = snapshot(diff)
+    result = recover_cli(raw, diff, tmp_path / "out")
+    assert_one_line_refusal(result, 1, message)
+    assert snapshot(diff) == before and not (tmp_path / "out").exists()
+    assert_one_line_refusal(run("inspect", diff), 1, message)
+
+
+@pytest.mark.parametrize(
+    "listed, detail",
+    [
+        ("../secret.txt", "not a file inside"),
+        ("/ABS/secret.txt", "not a file inside"),
+        ("/proc/self/pagemap", "not a file inside"),
+        ("/dev/zero", "not a file inside"),
+        ("fifo", "not a regular file"),
+        ("folder", "not a regular file"),
+    ],
+)
+def test_verify_never_hashes_a_file_outside_the_directory(pair, made_diff, tmp_path, listed, detail):
+    raw, _ = pair
+    out = tmp_path / "out"
+    assert recover_cli(raw, made_diff, out).exit_code == 0
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    os.mkfifo(out / "fifo")
+    (out / "folder").mkdir()
+    name = listed.replace("/ABS", str(tmp_path))
+    import hashlib
+
+    with (out / "SHA256SUMS").open("a") as sums:
+        sums.write(f"{hashlib.sha256(b'not yours').hexdigest()}  {name}\n")
+    result = run("verify", out)
+    assert result.exit_code == 1, result.output
+    assert f"MISMATCH {name}: {detail}" in result.output, result.output
+    assert "Traceback" not in result.output and "unexpected" not in result.output

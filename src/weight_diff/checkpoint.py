@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import CheckpointError, first_line
-from .untrusted import given_path
+from .untrusted import confined_name, given_path, load_json, member, read_small
 
 if TYPE_CHECKING:
     from .sources.meta import Assembly
@@ -56,6 +56,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+INDEX_LIMIT = 64 * 2**20  # an index of a 2T-parameter model is a few MB
 DIRECT_ALIGN = 4096  # O_DIRECT reads need the buffer, the offset and the length aligned to the device's block
 
 
@@ -100,24 +101,29 @@ def is_weight_name(name: str) -> bool:
 
 
 def find_weight_files(directory: Path) -> tuple[str, list[Path], dict[str, str] | None]:
-    """Return the layout name, the weight files and, when sharded, the index's tensor-to-file map."""
+    """Return the layout name, the weight files and, when sharded, the index's tensor-to-file map.
+
+    Every file an index names must be a regular file inside ``directory``: ``../x`` or ``/abs`` is refused unread.
+    """
     for index_name, layout in ((SAFETENSORS_INDEX, "safetensors-sharded"), (BIN_INDEX, "bin-sharded")):
         index_path = directory / index_name
         if index_path.is_file():
             weight_map = _read_index(index_path)
             files = []
             for file_name in dict.fromkeys(weight_map.values()):
-                path = directory / file_name
-                if not path.is_file():
-                    raise CheckpointError(
-                        f"{path}: shard named in {index_name} is missing; download it again "
-                        f"(the index lists {len(set(weight_map.values()))} shards)"
-                    )
-                files.append(path)
+                try:
+                    files.append(member(directory, file_name, where=index_name))
+                except CheckpointError as exc:
+                    if not (directory / file_name).exists() and confined_name(file_name):
+                        raise CheckpointError(
+                            f"{directory / file_name}: shard named in {index_name} is missing; download it again "
+                            f"(the index lists {len(set(weight_map.values()))} shards)"
+                        ) from None
+                    raise exc from None
             return layout, files, weight_map
     for single_name, layout in ((SAFETENSORS_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
-        if (directory / single_name).is_file():
-            return layout, [directory / single_name], None
+        if (directory / single_name).exists():
+            return layout, [member(directory, single_name, where=str(directory))], None
     stray = sorted(p.name for p in directory.iterdir() if p.suffix in WEIGHT_SUFFIXES)[:3]
     hint = f" (found {', '.join(stray)} but no index naming them)" if stray else ""
     raise CheckpointError(
@@ -127,12 +133,15 @@ def find_weight_files(directory: Path) -> tuple[str, list[Path], dict[str, str] 
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid index file ({exc}); download it again") from None
+    body = load_json(read_small(index_path, limit=INDEX_LIMIT, what="index file"), where=str(index_path))
+    weight_map = body.get("weight_map") if isinstance(body, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path}: its weight_map is empty or malformed; download it again")
+        raise CheckpointError(f"{index_path}: its weight_map is missing, empty or malformed; download it again")
+    for name, file_name in weight_map.items():
+        if not isinstance(file_name, str):
+            raise CheckpointError(
+                f"{index_path}: tensor {name} is mapped to {file_name!r}, not a file name; download it again"
+            )
     return weight_map
 
 

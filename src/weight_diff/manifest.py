@@ -118,12 +118,18 @@ def file_digest(path: Path, algorithm: str) -> str:
     hasher = hashlib.new(algorithm)
     buffers = [bytearray(HASH_CHUNK), bytearray(HASH_CHUNK)]
     with path.open("rb", buffering=0) as file, ThreadPoolExecutor(1) as reader:
-        pending = reader.submit(file.readinto, buffers[0])
+        left = os.fstat(file.fileno()).st_size  # never past the stated size: /proc and growing files end here
+
+        def read(buffer: bytearray) -> int:
+            return file.readinto(memoryview(buffer)[: min(left, HASH_CHUNK)]) if left else 0
+
+        pending = reader.submit(read, buffers[0])
         turn = 0
         while size := pending.result():
+            left -= size
             current = memoryview(buffers[turn])[:size]
             turn ^= 1
-            pending = reader.submit(file.readinto, buffers[turn])
+            pending = reader.submit(read, buffers[turn])
             hasher.update(current)
     return hasher.hexdigest()
 

@@ -205,7 +205,9 @@ class Journal:
         """Return the journal's shards whose files are still there and still hash as recorded; forget the rest."""
         out = self.path.parent
         kept = {
-            name for name, digest in self.shards.items() if (out / name).is_file() and file_sha256(out / name) == digest
+            name
+            for name, digest in self.shards.items()
+            if OUR_SHARD.match(name) and (out / name).is_file() and file_sha256(out / name) == digest
         }
         self.shards = {name: self.shards[name] for name in kept}
         return frozenset(kept)

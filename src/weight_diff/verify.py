@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .container import compact_files
 from .errors import UsageError
 from .manifest import MANIFEST_NAME, SUMS_NAME, Manifest, dtype_name, file_sha256, read_sums, tensor_bytes
-from .untrusted import given_path
+from .untrusted import confined_name, given_path
 
 BLOCK_BYTES = 64 * 2**20
 
@@ -76,8 +76,12 @@ def check_sums(directory: Path) -> tuple[list[Check], list[str]]:
     checks = []
     for name, expected in listed.items():
         path = directory / name
-        if not path.is_file():
+        if not confined_name(name):
+            checks.append(Check(name, False, f"not a file inside {directory}; not read"))
+        elif not path.exists():
             checks.append(Check(name, False, "missing"))
+        elif not path.is_file():
+            checks.append(Check(name, False, "not a regular file; not read"))
         else:
             same = file_sha256(path) == expected
             checks.append(Check(name, same, "" if same else "content changed"))
