@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import snapshot
@@ -247,3 +248,133 @@ def test_verify_never_hashes_a_file_outside_the_directory(pair, made_diff, tmp_p
     assert result.exit_code == 1, result.output
     assert f"MISMATCH {name}: {detail}" in result.output, result.output
     assert "Traceback" not in result.output and "unexpected" not in result.output
+
+
+# --- no silent wrong values from .bin: every offset proved against the archive's records --------------------------
+
+
+def _rezip(path: Path, transform) -> None:
+    """Rewrite a torch.save archive record by record (stored, uncompressed), letting ``transform`` change them."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    records = transform(records)
+    path.unlink()
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in records:
+            archive.writestr(name, data)
+
+
+def _bin_model(directory: Path) -> dict[str, torch.Tensor]:
+    from weight_diff.tiny_llama import save_checkpoint
+
+    generator = torch.Generator().manual_seed(7)
+    state = {
+        "model.embed_tokens.weight": torch.randn(8, 4, generator=generator),
+        "model.norm.weight": torch.ones(4) + torch.randn(4, generator=generator) * 0.1,
+        "lm_head.weight": torch.randn(8, 4, generator=generator),
+    }
+    save_checkpoint(state, directory, fmt="bin")
+    return state
+
+
+def _read_all(directory: Path) -> dict[str, torch.Tensor]:
+    from conftest import load_tensors
+
+    return load_tensors(directory)
+
+
+def test_an_unreferenced_record_before_the_data_does_not_shift_the_offsets(tmp_path):
+    state = _bin_model(tmp_path)
+    prefix = "pytorch_model/"
+
+    def add_unreferenced(records):
+        prefix_name = records[0][0].split("/")[0]
+        return [(f"{prefix_name}/data/999", b"\x7f" * 40)] + records
+
+    _rezip(tmp_path / "pytorch_model.bin", add_unreferenced)
+    reference = torch.load(tmp_path / "pytorch_model.bin", weights_only=True, mmap=True)  # what torch reads
+    read = _read_all(tmp_path)
+    assert prefix and set(read) == set(state)
+    for name in state:
+        assert torch.equal(read[name], reference[name]) and torch.equal(read[name], state[name]), name
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("short-record", "its record only"),
+        ("missing-record", "which the archive lacks"),
+        ("deflated-record", "compressed"),
+        ("big-endian", "big-endian"),
+        ("no-pickle", "no data.pkl"),
+        ("garbage-pickle", "not a readable PyTorch checkpoint"),
+    ],
+)
+def test_a_bin_whose_offsets_cannot_be_proved_is_refused(pair, tmp_path, damage, message):
+    import zipfile
+
+    raw, _ = pair
+    diff = tmp_path / "diff"
+    _bin_model(diff)
+    (diff / "config.json").write_text("{}")
+    path = diff / "pytorch_model.bin"
+
+    def change(records):
+        out = []
+        for name, data in records:
+            if name.endswith("/data/0"):
+                if damage == "short-record":
+                    data = data[: len(data) // 2]
+                elif damage == "missing-record":
+                    continue
+            if damage == "big-endian" and name.endswith("/byteorder"):
+                data = b"big"
+            if damage == "no-pickle" and name.endswith("/data.pkl"):
+                continue
+            if damage == "garbage-pickle" and name.endswith("/data.pkl"):
+                data = b"\x80\x02}q\x00(X" + b"\xff" * 30
+            out.append((name, data))
+        return out
+
+    _rezip(path, change)
+    if damage == "deflated-record":
+        with zipfile.ZipFile(path) as archive:
+            records = [(i.filename, archive.read(i)) for i in archive.infolist()]
+        path.unlink()
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in records:
+                kind = zipfile.ZIP_DEFLATED if name.endswith("/data/0") else zipfile.ZIP_STORED
+                archive.writestr(name, data, compress_type=kind)
+    before = snapshot(diff)
+    result = run("inspect", diff, "--no-hash")
+    assert_one_line_refusal(result, 1, message)
+    assert snapshot(diff) == before
+
+
+def test_a_tensor_in_two_shards_is_taken_from_the_one_the_index_names(tmp_path):
+    from weight_diff.tiny_llama import save_checkpoint
+
+    state = {"a.weight": torch.arange(6.0).view(2, 3), "model.norm.weight": torch.ones(3)}
+    save_checkpoint(state, tmp_path, fmt="bin", shards=2)
+    index = json.loads((tmp_path / "pytorch_model.bin.index.json").read_text())
+    first, second = sorted(set(index["weight_map"].values()))
+    # The second shard also holds a.weight, with other values; the index says it lives in the first.
+    index["weight_map"]["a.weight"] = first
+    torch.save({"a.weight": torch.full((2, 3), -1.0), "model.norm.weight": torch.ones(3)}, tmp_path / second)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    read = _read_all(tmp_path)
+    assert torch.equal(read["a.weight"], state["a.weight"])
+
+
+def test_a_tensor_in_two_shards_that_no_index_names_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file({"a.weight": torch.arange(6.0).view(2, 3), "c.weight": torch.ones(2)}, str(tmp_path / first))
+    save_file({"a.weight": torch.zeros(2, 3), "model.norm.weight": torch.ones(3)}, str(tmp_path / second))
+    index = {"metadata": {}, "weight_map": {"c.weight": first, "model.norm.weight": second}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = run("inspect", tmp_path, "--no-hash")
+    assert_one_line_refusal(result, 1, "tensor a.weight is in both")

@@ -14,6 +14,7 @@ each tensor's rows gathered from the model-parallel shards by an ``Assembly``.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import mmap
@@ -57,6 +58,10 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 INDEX_LIMIT = 64 * 2**20  # an index of a 2T-parameter model is a few MB
+PICKLE_LIMIT = 256 * 2**20  # a state dict's pickle: names and shapes, never the tensor data
+LEGACY_LIMIT = (
+    4 * 2**30
+)  # pre-2020 .bin files are loaded whole: above this, refused  # an index of a 2T-parameter model is a few MB
 DIRECT_ALIGN = 4096  # O_DIRECT reads need the buffer, the offset and the length aligned to the device's block
 
 
@@ -179,14 +184,25 @@ class Checkpoint:
         tensors: dict[str, TensorInfo] = {}
         torch_tensors: dict[str, torch.Tensor] = {}
         for path in files:
+            kept: dict[str, torch.Tensor] = {}
             if path.suffix == ".safetensors":
                 found = read_safetensors_header(path)
             else:
                 found, kept = read_bin_header(path)
-                torch_tensors.update(kept)
             for info in found:
-                if is_weight_name(info.name):
-                    tensors[info.name] = info
+                if not is_weight_name(info.name):
+                    continue
+                listed = weight_map.get(info.name) if weight_map is not None else None
+                if listed is not None and directory / listed != path:
+                    continue  # the index says where this tensor lives; a copy elsewhere is not it
+                if info.name in tensors:
+                    raise CheckpointError(
+                        f"{directory}: tensor {info.name} is in both {tensors[info.name].file.name} and "
+                        f"{path.name}, and no index says which is meant; download the checkpoint again"
+                    )
+                tensors[info.name] = info
+                if info.name in kept:
+                    torch_tensors[info.name] = kept[info.name]
         if weight_map is not None:
             listed = {name for name in weight_map if is_weight_name(name)}
             missing = sorted(listed - tensors.keys())
@@ -227,7 +243,9 @@ class Checkpoint:
         """
         start = offset - offset % DIRECT_ALIGN
         end = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
-        if buffer.data_ptr() % DIRECT_ALIGN == 0 and end - start <= buffer.numel():
+        # The bytes land at offset % 4096 in the buffer: only a dtype-aligned offset can be viewed as the dtype there.
+        aligned = offset % info.dtype.itemsize == 0
+        if aligned and buffer.data_ptr() % DIRECT_ALIGN == 0 and end - start <= buffer.numel():
             fd = self._fd(info.file, direct=True)
             if fd is not None:
                 try:
@@ -337,48 +355,141 @@ def parse_safetensors_header(path: Path, size: int, header_bytes: bytes) -> list
 def read_bin_header(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tensor]]:
     """Return the tensors of a PyTorch .bin and the ones only torch can read (strided or legacy pickles).
 
-    The pickle is opened with ``weights_only=True`` so that a file that would run code is refused, never
-    executed. Zip-format files are memory-mapped only to learn each tensor's byte offset; the data itself is
-    later read with ``pread``.
+    Zip-format files: each contiguous tensor's byte offset is proved against the archive's own records
+    (``zip_tensor_offsets``) and later read with ``pread``; strided views are loaded through torch (mmap).
     """
     if not zipfile.is_zipfile(path):
         return _read_legacy_bin(path)
-    try:
-        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        raise _unsafe_pickle(path, exc) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({first_line(exc)}); download it again"
-        ) from None
-    state = _as_state_dict(path, state)
-    offsets = _record_offsets(path)
-    storages = {name: t.untyped_storage().data_ptr() for name, t in state.items()}
-    base = min(storages.values()) - min(offsets) if storages and offsets else None
-    tensors, kept = [], {}
-    for name, tensor in state.items():
-        if not is_weight_name(name):
-            continue
-        offset = None
-        if base is not None and tensor.is_contiguous() and storages[name] - base in offsets:
-            offset = tensor.data_ptr() - base
-        elif tensor.numel():
-            kept[name] = tensor
-        tensors.append(TensorInfo(name, tensor.dtype, tuple(tensor.shape), path, offset))
+    found = zip_tensor_offsets(path)
+    tensors = [info for info in found if is_weight_name(info.name)]
+    kept: dict[str, torch.Tensor] = {}
+    if any(info.offset is None for info in tensors):
+        state = _as_state_dict(path, _torch_load(path, mmap=True))
+        kept = {info.name: state[info.name] for info in tensors if info.offset is None}
     return tensors, kept
 
 
-def _read_legacy_bin(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tensor]]:
-    """Pre-2020 pickles cannot be memory-mapped: such a file is loaded whole (still weights_only)."""
+def zip_tensor_offsets(path: Path) -> list[TensorInfo]:
+    """Return every tensor of a zip-format ``torch.save`` file with its byte offset, proved or refused.
+
+    The pickle is read with torch's ``weights_only`` unpickler (a file that would run code is refused, never
+    executed) onto storages that hold no data, so that each tensor's storage key is known. Each offset is then
+    proved against the archive's own records: the record ``data/KEY`` exists, is stored uncompressed inside the
+    file, is at least as long as the storage the pickle declares, and the tensor lies inside that storage. A
+    tensor that is not C-contiguous gets ``offset=None`` (read through torch). Anything else refuses the file.
+    """
+    records, pickle_bytes, byteorder = _zip_records(path)
+    if byteorder not in (None, b"little"):
+        raise CheckpointError(f"{path}: stored big-endian ({byteorder[:10]!r}); re-save it on a little-endian machine")
+    storages: dict[int, tuple[str, torch.dtype, int]] = {}  # StorageImpl -> (key, dtype, nbytes)
+    by_key: dict[str, torch.storage.TypedStorage] = {}
+
+    def persistent_load(saved_id):
+        if not isinstance(saved_id, tuple) or len(saved_id) != 5:
+            raise pickle.UnpicklingError("malformed storage reference")
+        _, storage_type, key, _location, numel = saved_id
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        if key not in by_key:
+            if not isinstance(numel, int) or numel < 0:
+                raise pickle.UnpicklingError(f"storage {key} has a malformed size")
+            nbytes = numel * dtype.itemsize
+            untyped = torch.UntypedStorage(nbytes, device="meta")
+            storages[untyped._cdata] = (key, dtype, nbytes)
+            by_key[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        return by_key[key]
+
+    from torch import _weights_only_unpickler
+
+    unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(pickle_bytes), encoding="utf-8")
+    unpickler.persistent_load = persistent_load
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = unpickler.load()
+    except pickle.UnpicklingError as exc:
+        raise _unsafe_pickle(path, exc) from None
+    except Exception as exc:  # a damaged pickle raises many types (IndexError, RuntimeError, struct.error, ...)
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first_line(exc)}); download it again"
+        ) from None
+    state = _as_state_dict(path, state)
+    tensors = []
+    for name, tensor in state.items():
+        key, dtype, storage_nbytes = storages[tensor.untyped_storage()._cdata]
+        record = records.get(f"data/{key}")
+        if record is None:
+            raise CheckpointError(f"{path}: tensor {name} names storage {key}, which the archive lacks; damaged file")
+        offset, size = record
+        if size < storage_nbytes:
+            raise CheckpointError(
+                f"{path}: storage {key} of tensor {name} is {storage_nbytes} bytes, its record only {size}; "
+                "damaged file, download it again"
+            )
+        start = tensor.storage_offset() * tensor.element_size()
+        nbytes = tensor.numel() * tensor.element_size()
+        if tensor.numel() and start + nbytes > storage_nbytes:
+            raise CheckpointError(f"{path}: tensor {name} reaches past the end of its storage; damaged file")
+        contiguous = tensor.is_contiguous()
+        tensors.append(
+            TensorInfo(name, tensor.dtype, tuple(tensor.shape), path, offset + start if contiguous else None)
+        )
+    return tensors
+
+
+def _zip_records(path: Path) -> tuple[dict[str, tuple[int, int]], bytes, bytes | None]:
+    """Return the archive's records as {name without the archive folder: (data offset, size)}, its pickle and its
+    byte order, refusing compressed or overlapping records and records that end past the file."""
+    size = path.stat().st_size
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        with zipfile.ZipFile(path) as archive:
+            infos = {info.filename.partition("/")[2]: info for info in archive.infolist()}
+        records = {}
+        for name in reader.get_all_records():
+            info = infos.get(name)
+            if info is None or info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointError(f"{path}: record {name} is compressed or unlisted; not a torch.save file")
+            offset = reader.get_record_offset(name)
+            if offset + info.file_size > size:
+                raise CheckpointError(f"{path}: record {name} ends past the end of the file: truncated download")
+            records[name] = (offset, info.file_size)
+        if "data.pkl" not in records:
+            raise CheckpointError(f"{path}: no data.pkl record; not a torch.save file")
+        if records["data.pkl"][1] > PICKLE_LIMIT:
+            raise CheckpointError(f"{path}: its pickle is {records['data.pkl'][1]} bytes; refused as implausible")
+        spans = sorted(records.values())
+        for (first, first_size), (second, _) in zip(spans, spans[1:], strict=False):
+            if first + first_size > second:
+                raise CheckpointError(f"{path}: two records overlap; damaged file, download it again")
+        pickle_bytes = reader.get_record("data.pkl")
+        byteorder = reader.get_record("byteorder") if "byteorder" in records else None
+    except (RuntimeError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({first_line(exc)}); download it again"
+        ) from None
+    return records, bytes(pickle_bytes), bytes(byteorder) if byteorder is not None else None
+
+
+def _torch_load(path: Path, *, mmap: bool) -> object:
+    try:
+        return torch.load(path, mmap=mmap, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
         raise _unsafe_pickle(path, exc) from None
     except Exception as exc:  # torch raises many types for garbage input
         raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {first_line(exc)}); download it again"
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first_line(exc)}); download it again"
         ) from None
-    state = _as_state_dict(path, state)
+
+
+def _read_legacy_bin(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tensor]]:
+    """Pre-2020 pickles cannot be memory-mapped: such a file is loaded whole (still weights_only), so it is
+    refused above ``LEGACY_LIMIT`` rather than filling the memory."""
+    size = path.stat().st_size
+    if size > LEGACY_LIMIT:
+        raise CheckpointError(
+            f"{path}: a pre-2020 (non-zip) PyTorch file of {size / 1e9:.1f} GB would be loaded whole into memory; "
+            "re-save it with torch.save (torch >= 1.6) or as safetensors first"
+        )
+    state = _as_state_dict(path, _torch_load(path, mmap=False))
     infos = [TensorInfo(n, t.dtype, tuple(t.shape), path, None) for n, t in state.items() if is_weight_name(n)]
     return infos, {n: t for n, t in state.items() if is_weight_name(n)}
 
@@ -387,12 +498,6 @@ def _as_state_dict(path: Path, state: object) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
         raise CheckpointError(f"{path}: holds something other than a flat dict of tensors; not a model checkpoint")
     return state
-
-
-def _record_offsets(path: Path) -> set[int]:
-    """Return the byte offsets at which the zip archive stores tensor storages (``*/data/N`` records)."""
-    reader = torch._C.PyTorchFileReader(str(path))
-    return {reader.get_record_offset(r) for r in reader.get_all_records() if r.startswith("data/")}
 
 
 def _unsafe_pickle(path: Path, exc: BaseException) -> CheckpointError:
