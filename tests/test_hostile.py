@@ -378,3 +378,104 @@ def test_a_tensor_in_two_shards_that_no_index_names_is_refused(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     result = run("inspect", tmp_path, "--no-hash")
     assert_one_line_refusal(result, 1, "tensor a.weight is in both")
+
+
+# --- safetensors: as strict as the library, no stricter ------------------------------------------------------------
+
+
+def _safetensors(header: dict | bytes, data: bytes, *, pad: bool = True) -> bytes:
+    body = header if isinstance(header, bytes) else json.dumps(header).encode()
+    if pad:
+        body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body + data
+
+
+_F = {"dtype": "F32"}
+D8 = bytes(range(8))
+SAFETENSORS_CASES = {
+    "valid": (_safetensors({"a": {**_F, "shape": [2], "data_offsets": [0, 8]}}, D8), True),
+    "unpadded-header": (_safetensors({"a": {**_F, "shape": [2], "data_offsets": [0, 8]}}, D8, pad=False), True),
+    "unaligned-offset": (
+        _safetensors(
+            {
+                "u": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                "a": {**_F, "shape": [2], "data_offsets": [1, 9]},
+            },
+            D8 + b"\x09",
+        ),
+        True,
+    ),
+    "overlap": (
+        _safetensors(
+            {"a": {**_F, "shape": [2], "data_offsets": [0, 8]}, "b": {**_F, "shape": [1], "data_offsets": [4, 8]}}, D8
+        ),
+        False,
+    ),
+    "gap": (_safetensors({"a": {**_F, "shape": [1], "data_offsets": [4, 8]}}, D8), False),
+    "trailing-bytes": (_safetensors({"a": {**_F, "shape": [1], "data_offsets": [0, 4]}}, D8), False),
+    "duplicate-key": (
+        _safetensors(
+            b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}',
+            D8 + D8,
+        ),
+        False,
+    ),
+    "duplicate-key-same": (
+        _safetensors(
+            b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+            D8,
+        ),
+        True,
+    ),
+    "negative-dim": (_safetensors({"a": {**_F, "shape": [-2], "data_offsets": [0, 8]}}, D8), False),
+    "float-dim": (_safetensors({"a": {**_F, "shape": [2.0], "data_offsets": [0, 8]}}, D8), False),
+    "bool-dim": (_safetensors({"a": {**_F, "shape": [True, 2], "data_offsets": [0, 8]}}, D8), False),
+    "string-dim": (_safetensors({"a": {**_F, "shape": ["2"], "data_offsets": [0, 8]}}, D8), False),
+    "float-offset": (_safetensors({"a": {**_F, "shape": [2], "data_offsets": [0.0, 8]}}, D8), False),
+    "begin-after-end": (_safetensors({"a": {**_F, "shape": [0], "data_offsets": [8, 0]}}, D8), False),
+    "three-offsets": (_safetensors({"a": {**_F, "shape": [2], "data_offsets": [0, 8, 8]}}, D8), False),
+    "overflowing-shape": (_safetensors({"a": {**_F, "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, D8), False),
+    "dim-2^64": (_safetensors({"a": {**_F, "shape": [0, 2**64], "data_offsets": [0, 0]}}, b""), False),
+    "metadata-not-strings": (
+        _safetensors({"__metadata__": {"a": 1}, "a": {**_F, "shape": [2], "data_offsets": [0, 8]}}, D8),
+        False,
+    ),
+    "entry-extra-key": (_safetensors({"a": {**_F, "shape": [2], "data_offsets": [0, 8], "x": 1}}, D8), True),
+    "leading-spaces": (_safetensors(b'   {"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', D8), True),
+    "not-utf8": (_safetensors(b'{"a\xff":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', D8), False),
+    "nested": (_safetensors(b"[" * 50000 + b"]" * 50000, b""), False),
+    "infinite-number": (_safetensors(b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,1e999]}}', D8), False),
+    "header-is-list": (_safetensors(b"[]", b""), False),
+    "entry-is-string": (_safetensors({"a": "F32"}, D8), False),
+    "truncated": (_safetensors({"a": {**_F, "shape": [4], "data_offsets": [0, 16]}}, D8), False),
+    "scalar": (_safetensors({"a": {**_F, "shape": [], "data_offsets": [0, 4]}}, D8[:4]), True),
+}
+
+
+@pytest.mark.parametrize("case", list(SAFETENSORS_CASES))
+def test_safetensors_headers_are_judged_as_the_library_judges_them(tmp_path, case):
+    from safetensors import SafetensorError, safe_open
+
+    from weight_diff.checkpoint import Checkpoint, read_safetensors_header
+    from weight_diff.errors import CheckpointError
+
+    blob, valid = SAFETENSORS_CASES[case]
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(blob)
+    try:  # the reference: what the safetensors library itself makes of the file
+        with safe_open(str(path), "pt") as reference:
+            expected = {name: reference.get_tensor(name) for name in reference.keys()}  # noqa: SIM118
+    except SafetensorError:
+        expected = None
+    assert (expected is not None) == valid, "the case's expectation disagrees with the library"
+    if expected is None:
+        with pytest.raises(CheckpointError):
+            read_safetensors_header(path)
+        result = run("inspect", tmp_path, "--no-hash")
+        assert_one_line_refusal(result, 1, str(path))
+        return
+    with Checkpoint.open(tmp_path) as checkpoint:
+        read = {name: checkpoint.read_rows(info, 0, info.rows).clone() for name, info in checkpoint.tensors.items()}
+    assert read.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(read[name].reshape(-1).view(torch.uint8), expected[name].reshape(-1).view(torch.uint8))

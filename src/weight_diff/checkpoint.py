@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import math
 import mmap
 import os
@@ -62,6 +61,7 @@ PICKLE_LIMIT = 256 * 2**20  # a state dict's pickle: names and shapes, never the
 LEGACY_LIMIT = (
     4 * 2**30
 )  # pre-2020 .bin files are loaded whole: above this, refused  # an index of a 2T-parameter model is a few MB
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # the safetensors library's own limit
 DIRECT_ALIGN = 4096  # O_DIRECT reads need the buffer, the offset and the length aligned to the device's block
 
 
@@ -306,50 +306,82 @@ class Checkpoint:
 
 
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
-    """Return the tensors a .safetensors file declares, checked against the file's real size."""
+    """Return the tensors a .safetensors file declares, validated as the safetensors library validates them.
+
+    As strict as the library and no stricter: the header is a JSON object of at most 100 MB; shapes and offsets
+    are non-negative integers; each byte range matches its shape; the ranges, sorted, tile the data exactly (no
+    gap, no overlap, nothing after the last). Alignment is not required (the library reads such files too).
+    """
     size = path.stat().st_size
     with path.open("rb") as file:
         head = file.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes); download it again")
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, 100 * 2**20):
+        if header_len > min(size - 8, SAFETENSORS_HEADER_LIMIT):
             raise CheckpointError(f"{path}: not a safetensors file (its header length is garbage); download it again")
         header_bytes = file.read(header_len)
     return parse_safetensors_header(path, size, header_bytes)
 
 
 def parse_safetensors_header(path: Path, size: int, header_bytes: bytes) -> list[TensorInfo]:
-    """Return the tensors a safetensors header (the JSON after the 8-byte length) declares for a file of ``size``.
+    """Return the tensors a safetensors header (the JSON after the 8-byte length) declares for a file of ``size``,
+    validated as the safetensors library validates them.
 
     Kept apart from reading so that a header fetched with a ranged request plans a run before the file arrives.
     """
     try:
-        header = json.loads(header_bytes)
-    except ValueError:
+        header = load_json(header_bytes, where=str(path))
+    except CheckpointError:
         raise CheckpointError(f"{path}: not a safetensors file (unreadable header); download it again") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (malformed header); download it again")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: its __metadata__ is not a map of strings; not a valid safetensors file")
     data_start = 8 + len(header_bytes)
     tensors = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(n) for n in entry["shape"])
-            begin, end = (int(n) for n in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name} has an unsupported or malformed header entry") from None
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name}'s byte range does not match its shape; file is damaged")
-        if data_start + end > size:
+        dtype_code = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (_counts(shape) and _counts(offsets) and len(offsets) == 2 and isinstance(dtype_code, str)):
             raise CheckpointError(
-                f"{path}: file ends inside tensor {name} ({size} bytes, needs {data_start + end}): truncated "
-                "download; download it again"
+                f"{path}: tensor {name} has a malformed header entry (dtype, shape and data_offsets must be a string "
+                "and non-negative integers); download it again"
             )
-        tensors.append(TensorInfo(name, dtype, shape, path, data_start + begin))
+        if dtype_code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype_code[:20]}, which weight-diff does not read")
+        dtype = SAFETENSORS_DTYPES[dtype_code]
+        begin, end = offsets
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end < begin or end - begin != nbytes or nbytes >= 2**64:
+            raise CheckpointError(f"{path}: tensor {name}'s byte range does not match its shape; file is damaged")
+        tensors.append(TensorInfo(name, dtype, tuple(shape), path, data_start + begin))
+    covered = 0
+    for info in sorted(tensors, key=lambda t: (t.offset, t.nbytes)):
+        if info.offset - data_start != covered:
+            raise CheckpointError(
+                f"{path}: tensor {info.name}'s bytes overlap another tensor's or leave a gap; file is damaged"
+            )
+        covered += info.nbytes
+        if data_start + covered > size:
+            raise CheckpointError(
+                f"{path}: file ends inside tensor {info.name} ({size} bytes, needs {data_start + covered}): "
+                "truncated download; download it again"
+            )
+    if data_start + covered != size:
+        raise CheckpointError(
+            f"{path}: {size - data_start - covered} bytes after the last tensor; not a valid safetensors file"
+        )
     return tensors
+
+
+def _counts(values: object) -> bool:
+    """Return whether ``values`` is a list of non-negative integers (JSON true and 2.0 are not)."""
+    return isinstance(values, list) and all(type(v) is int and 0 <= v < 2**64 for v in values)
 
 
 def read_bin_header(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tensor]]:
