@@ -479,3 +479,50 @@ def test_safetensors_headers_are_judged_as_the_library_judges_them(tmp_path, cas
     assert read.keys() == expected.keys()
     for name in expected:
         assert torch.equal(read[name].reshape(-1).view(torch.uint8), expected[name].reshape(-1).view(torch.uint8))
+
+
+# --- no hang and no huge allocation from a tiny file --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("model.layers.0.mlp.up_proj.weight", [0, 2**62]),
+        ("model.layers.0.mlp.up_proj.weight", [0, 2**40]),
+        ("model.layers.0.mlp.up_proj.weight", [2**40, 0]),
+        ("model.layers.0.mlp.up_proj.weight", [2**62, 0, 3]),
+        ("model.layers.0.mlp.up_proj.weight", [160, 0]),  # zero width
+        ("model.embed_tokens.weight", [0, 64]),  # an embedding with no rows
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("command", ["recover", "make-diff", "inspect", "compare", "verify-diff"])
+def test_a_zero_size_tensor_is_refused_without_hanging(pair, made_diff, copy_dir, tmp_path, name, shape, command):
+    from safetensors.torch import load_file, save_file
+
+    raw, tuned = pair
+    victim = copy_dir(made_diff if command in ("recover", "verify-diff") else raw, "victim")
+    index_path = victim / "model.safetensors.index.json"
+    shard_name = json.loads(index_path.read_text())["weight_map"][name] if index_path.exists() else "model.safetensors"
+    tensors = load_file(victim / shard_name)
+    tensors.pop(name)
+    save_file(tensors, str(victim / shard_name))
+    # add the empty tensor by hand: torch cannot allocate a [0, 2**62] tensor's strides for save_file
+    blob = (victim / shard_name).read_bytes()
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])
+    end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+    header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [end, end]}
+    (victim / shard_name).write_bytes(_safetensors(header, blob[8 + header_len :]))
+    before = snapshot(victim)
+    out = tmp_path / "out"
+    args = {
+        "recover": ["recover", "--path_raw", raw, "--path_diff", victim, "--path_tuned", out, "--quiet"],
+        "make-diff": ["make-diff", "--path_raw", victim, "--path_tuned", tuned, "--path_diff", out, "--quiet"],
+        "inspect": ["inspect", victim, "--no-hash"],
+        "compare": ["compare", victim, raw, "--quiet"],
+        "verify-diff": ["verify", victim],
+    }[command]
+    result = run(*args)
+    assert_one_line_refusal(result, 2 if command == "compare" else 1, f"tensor {name} has no values")
+    assert snapshot(victim) == before and not out.exists()

@@ -213,6 +213,12 @@ class Checkpoint:
                 )
         if not tensors:
             raise CheckpointError(f"{directory}: the weight files hold no tensors")
+        empty = next((info for info in tensors.values() if info.numel == 0), None)
+        if empty is not None:  # a [0, 2**62] tensor costs no bytes on disk but would be streamed row by row
+            raise CheckpointError(
+                f"{empty.file}: tensor {empty.name} has no values (shape {list(empty.shape)}); model weights never "
+                "do: the file is damaged or not a model"
+            )
         return cls(directory=directory, layout=layout, tensors=tensors, files=files, _torch_tensors=torch_tensors)
 
     def read_rows(self, info: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
