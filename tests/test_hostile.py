@@ -526,3 +526,139 @@ def test_a_zero_size_tensor_is_refused_without_hanging(pair, made_diff, copy_dir
     result = run(*args)
     assert_one_line_refusal(result, 2 if command == "compare" else 1, f"tensor {name} has no values")
     assert snapshot(victim) == before and not out.exists()
+
+
+# --- bad input is a clear refusal, never "unexpected error ... report it" -----------------------------------------
+
+NESTED = "[" * 100000 + "]" * 100000
+
+
+def _edit_json(path: Path, change) -> None:
+    body = json.loads(path.read_text())
+    path.write_text(change(body) if callable(change) else change)
+
+
+def _manifest_edit(change):
+    def edit(body):
+        change(body)
+        return json.dumps(body)
+
+    return edit
+
+
+def _first_record(body):
+    return next(iter(body["tensors"].values()))
+
+
+BAD_DIFF_FILES = {
+    "index-nested": ("model.safetensors.index.json", NESTED, "nested too deeply"),
+    "index-1e999": (
+        "model.safetensors.index.json",
+        lambda body: json.dumps(body).replace('"total_size": ', '"total_size": 1e999, "x": '),
+        "out of range",
+    ),
+    "index-NaN": ("model.safetensors.index.json", lambda body: json.dumps(body).replace("{", '{"x": NaN, ', 1), "NaN"),
+    "index-weight_map-list": ("model.safetensors.index.json", '{"weight_map": ["a"]}', "weight_map is missing"),
+    "index-is-list": ("model.safetensors.index.json", "[1]", "weight_map is missing"),
+    "index-not-utf8": ("model.safetensors.index.json", b'{"weight_map": {"\xff": 1}}', "not UTF-8"),
+    "manifest-nested": ("weight-diff-manifest.json", NESTED, "nested too deeply"),
+    "manifest-1e999": (
+        "weight-diff-manifest.json",
+        lambda body: json.dumps(body).replace('"shape": [', '"shape": [1e999, ', 1),
+        "out of range",
+    ),
+    "manifest-tensors-list": (
+        "weight-diff-manifest.json",
+        _manifest_edit(lambda body: body.update(tensors=[1, 2])),
+        "must be JSON objects",
+    ),
+    "manifest-record-missing-part": (
+        "weight-diff-manifest.json",
+        _manifest_edit(lambda body: _first_record(body).pop("raw")),
+        "is malformed",
+    ),
+    "manifest-sha-int": (
+        "weight-diff-manifest.json",
+        _manifest_edit(lambda body: _first_record(body)["raw"].update(sha256=5)),
+        "is malformed",
+    ),
+    "manifest-shape-strings": (
+        "weight-diff-manifest.json",
+        _manifest_edit(lambda body: _first_record(body)["diff"].update(shape=["2"])),
+        "is malformed",
+    ),
+    "manifest-version-list": (
+        "weight-diff-manifest.json",
+        _manifest_edit(lambda body: body.update(version=[1])),
+        "this tool reads version 1",
+    ),
+    "manifest-is-string": ("weight-diff-manifest.json", '"hello"', "not a weight-diff manifest"),
+    "config-nested": ("config.json", '{"a": ' + NESTED + "}", "nested too deeply"),
+    "config-1e999": ("config.json", '{"rms_norm_eps": 1e999}', "out of range"),
+    "config-NaN": ("config.json", '{"rms_norm_eps": NaN}', "NaN is not a JSON number"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DIFF_FILES))
+def test_a_damaged_json_file_in_the_diff_is_one_clear_line(pair, made_diff, copy_dir, tmp_path, case):
+    raw, _ = pair
+    diff = copy_dir(made_diff)
+    name, change, message = BAD_DIFF_FILES[case]
+    path = diff / name
+    if isinstance(change, bytes):
+        path.write_bytes(change)
+    else:
+        _edit_json(path, change)
+    before = snapshot(diff)
+    result = recover_cli(raw, diff, tmp_path / "out")
+    assert_one_line_refusal(result, 1, message)
+    assert snapshot(diff) == before and not (tmp_path / "out").exists()
+
+
+def test_a_broken_tokenizer_config_refuses_the_run_before_any_shard_is_written(pair, made_diff, copy_dir, tmp_path):
+    raw, _ = pair
+    diff = copy_dir(made_diff)
+    (diff / "tokenizer_config.json").write_text('{"model_max_length": 2048,')  # cut short
+    before = snapshot(diff)
+    result = recover_cli(raw, diff, tmp_path / "out", "--chat-template", "open-instruct")
+    assert_one_line_refusal(result, 1, "tokenizer_config.json: unreadable")
+    assert snapshot(diff) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{{ messages }}", b"{{ messages }}\x80"])
+def test_a_chat_template_that_is_not_utf8_is_refused(pair, made_diff, tmp_path, content):
+    raw, _ = pair
+    template = tmp_path / "template.jinja"
+    template.write_bytes(content)
+    result = recover_cli(raw, made_diff, tmp_path / "out", "--chat-template", template)
+    assert_one_line_refusal(result, 2, "not UTF-8 text")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"\xff" * 64 + b"  model.safetensors\n", "é".encode("latin-1") * 3])
+def test_a_sha256sums_that_is_not_utf8_is_refused(pair, made_diff, tmp_path, content):
+    raw, _ = pair
+    out = tmp_path / "out"
+    assert recover_cli(raw, made_diff, out).exit_code == 0
+    (out / "SHA256SUMS").write_bytes(content)
+    assert_one_line_refusal(run("verify", out), 1, "not UTF-8 text")
+
+
+def test_a_damaged_resume_journal_is_one_clear_line(pair, made_diff, tmp_path):
+    from weight_diff.output import JOURNAL_NAME
+
+    raw, _ = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / JOURNAL_NAME).write_text(NESTED)
+    result = recover_cli(raw, made_diff, out, "--resume")
+    assert_one_line_refusal(result, 2, "unreadable; start again with --overwrite")
+    (out / JOURNAL_NAME).write_text('{"fingerprint": "x", "shards": {"a": 1}, "tensors": {}}')
+    assert_one_line_refusal(recover_cli(raw, made_diff, out, "--resume"), 2, "unreadable")
+
+
+def test_compare_of_two_models_that_differ_exits_1_with_its_report(pair):
+    raw, tuned = pair
+    result = run("compare", raw, tuned, "--quiet")
+    assert result.exit_code == 1, result.output
+    assert "DIFFER:" in result.output and "unexpected" not in result.output and "report it" not in result.output

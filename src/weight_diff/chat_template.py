@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UsageError
+from .untrusted import SMALL_FILE_LIMIT, read_small
 
 # Built with Jinja whitespace control so that the rendered text is exactly the card's format.
 OPEN_INSTRUCT = (
@@ -37,7 +38,10 @@ def resolve_template(value: str) -> str:
         raise UsageError(
             f"--chat-template {value}: neither a built-in template ({', '.join(BUILT_IN)}) nor a readable file"
         )
-    text = path.read_text()
+    try:
+        text = read_small(path, limit=SMALL_FILE_LIMIT, what="chat template", error=UsageError).decode()
+    except UnicodeDecodeError:
+        raise UsageError(f"--chat-template {value}: not UTF-8 text, so not a Jinja chat template") from None
     if "{" not in text:
         raise UsageError(f"--chat-template {value}: does not look like a Jinja chat template")
     return text

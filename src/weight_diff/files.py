@@ -16,6 +16,7 @@ from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, WEIGHT_SUFFIXES
 from .container import SUFFIX as COMPACT_SUFFIX
 from .errors import CheckpointError, DiskFullError
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, dtype_name
+from .untrusted import SMALL_FILE_LIMIT, load_json, read_small
 from .writer import FILE_MODE, PARTIAL_SUFFIX
 
 CONFIG_NAME = "config.json"
@@ -41,10 +42,7 @@ def read_config(directory: Path) -> dict:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME}; a Hugging Face model directory needs one")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    config = load_json(read_small(path, limit=SMALL_FILE_LIMIT, what=CONFIG_NAME), where=str(path))
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return config
@@ -53,8 +51,8 @@ def read_config(directory: Path) -> dict:
 def read_json_object(path: Path) -> dict:
     """Return a small JSON file's object, or {} when it is absent or unreadable (for what only informs)."""
     try:
-        body = json.loads(path.read_text())
-    except (OSError, ValueError):
+        body = load_json(read_small(path, limit=SMALL_FILE_LIMIT, what="JSON file"), where=str(path))
+    except (OSError, CheckpointError):
         return {}
     return body if isinstance(body, dict) else {}
 
@@ -93,8 +91,10 @@ def json_bytes(body: dict) -> bytes:
     return (json.dumps(body, indent=2, sort_keys=False) + "\n").encode()
 
 
-def with_chat_template(tokenizer_config: bytes, template: str) -> bytes:
+def with_chat_template(tokenizer_config: bytes, template: str, *, where: str = "tokenizer_config.json") -> bytes:
     """Return ``tokenizer_config.json`` bytes with ``chat_template`` set (other keys kept as they were)."""
-    body = json.loads(tokenizer_config) if tokenizer_config else {}
+    body = load_json(tokenizer_config, where=where) if tokenizer_config else {}
+    if not isinstance(body, dict):
+        raise CheckpointError(f"{where}: not a JSON object, so no chat template can be set in it")
     body["chat_template"] = template
     return json_bytes(body)

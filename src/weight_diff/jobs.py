@@ -29,7 +29,7 @@ from .pipeline import Hashing, Pipeline, TensorDigests
 from .plan import Plan, TensorJob, plan_pairs
 from .role import classify
 from .sources import hub, hub_diff, meta
-from .untrusted import given_path
+from .untrusted import SMALL_FILE_LIMIT, given_path, read_small
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DIFF_FORMATS = ("float32", "compact")
@@ -410,6 +410,18 @@ def _run(
     journal = (
         output.Journal.load(out, fingerprint) if resume else output.Journal(out / output.JOURNAL_NAME, fingerprint)
     )
+    # The small files are read, and a chat template set, before the first write: a broken tokenizer_config.json
+    # must refuse the run, not fail it after every shard was written.
+    small: dict[str, bytes] = {}
+    for path in companions:
+        small[path.name] = read_small(path, limit=SMALL_FILE_LIMIT, what="model's companion file")
+    small.update(tokens.files)
+    if chat_template is not None:
+        small["tokenizer_config.json"] = files.with_chat_template(
+            small.get("tokenizer_config.json", b""), chat_template, where=str(other.directory / "tokenizer_config.json")
+        )
+        if files.CHAT_TEMPLATE_FILE in small:  # transformers 5 prefers this file: it must say the same
+            small[files.CHAT_TEMPLATE_FILE] = chat_template.encode()
     done = journal.finished_shards()
     output.check_free_space(out, sum(s.nbytes for s in plan.shards if s.file_name not in done))
     if overwrite and out.is_dir() and not resume:
@@ -448,16 +460,6 @@ def _run(
         )
         pipeline.run(skip=done)
 
-    small: dict[str, bytes] = {}
-    for path in companions:
-        small[path.name] = path.read_bytes()
-    small.update(tokens.files)
-    if chat_template is not None:
-        small["tokenizer_config.json"] = files.with_chat_template(
-            small.get("tokenizer_config.json", b""), chat_template
-        )
-        if files.CHAT_TEMPLATE_FILE in small:  # transformers 5 prefers this file: it must say the same
-            small[files.CHAT_TEMPLATE_FILE] = chat_template.encode()
     if len(plan.shards) > 1 and plan.shards[0].file_name.endswith(".safetensors"):  # compact files list themselves
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map}
         small[SAFETENSORS_INDEX] = files.json_bytes(index)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import IntegrityError
+from .untrusted import SMALL_FILE_LIMIT, load_json, read_small
 
 MANIFEST_NAME = "weight-diff-manifest.json"
 MANIFEST_FORMAT = "weight-diff-manifest"
@@ -69,6 +70,7 @@ class Manifest:
     rules: dict
     tool: dict
     tensors: dict[str, TensorRecord] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # SHA-256 of the diff's config and companion files
 
     def to_json(self) -> str:
         body = {
@@ -79,24 +81,60 @@ class Manifest:
             "tool": self.tool,
             "tensors": {name: asdict(record) for name, record in self.tensors.items()},
         }
+        if self.files:
+            body["files"] = dict(sorted(self.files.items()))
         return json.dumps(body, indent=1) + "\n"
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Manifest | None:
-        """Return the manifest in ``directory``, or None when the diff has none (2023 diffs)."""
+        """Return the manifest in ``directory``, or None when the diff has none (2023 diffs).
+
+        Every field is type-checked here, so a damaged or hostile manifest is one clear refusal, never a crash later.
+        """
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
             return None
-        try:
-            body = json.loads(path.read_text())
-            if body.get("format") != MANIFEST_FORMAT:
-                raise ValueError("not a weight-diff manifest")
-            if body.get("version") != MANIFEST_VERSION:
-                raise ValueError(f"version {body.get('version')}; this tool reads version {MANIFEST_VERSION}")
-            tensors = {name: TensorRecord.from_dict(record) for name, record in body["tensors"].items()}
-            return cls(rules=body["rules"], tool=body["tool"], tensors=tensors)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise IntegrityError(f"{path}: unreadable manifest ({exc}); download it again") from None
+        where = f"{path}: unreadable manifest"
+        body = load_json(read_small(path, limit=SMALL_FILE_LIMIT, what="manifest", error=IntegrityError),
+                         where=where, error=IntegrityError)  # fmt: skip
+        if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
+            raise IntegrityError(f"{where} (not a weight-diff manifest); download it again")
+        if body.get("version") != MANIFEST_VERSION:
+            raise IntegrityError(
+                f"{where} (version {str(body.get('version'))[:20]}; this tool reads version {MANIFEST_VERSION}); "
+                "download it again or update weight-diff"
+            )
+        tensors, rules, tool = body.get("tensors"), body.get("rules"), body.get("tool")
+        if not isinstance(tensors, dict) or not isinstance(rules, dict) or not isinstance(tool, dict):
+            raise IntegrityError(f"{where} (tensors, rules and tool must be JSON objects); download it again")
+        records = {}
+        for name, record in tensors.items():
+            if not is_tensor_record(record):
+                raise IntegrityError(f"{where} (the entry for tensor {name[:100]} is malformed); download it again")
+            records[name] = TensorRecord.from_dict(record)
+        files = body.get("files", {})
+        if not isinstance(files, dict) or not all(_is_sha256(v) for v in files.values()):
+            raise IntegrityError(f"{where} (its files section is malformed); download it again")
+        return cls(rules=rules, tool=tool, tensors=records, files=files)
+
+
+def is_tensor_record(record: object) -> bool:
+    """Return whether a JSON value has the shape of a manifest's tensor entry (three digests)."""
+    if not isinstance(record, dict) or set(record) != {"raw", "diff", "result"}:
+        return False
+    for digest in record.values():
+        if not isinstance(digest, dict) or set(digest) != {"dtype", "shape", "sha256"}:
+            return False
+        shape = digest["shape"]
+        if not isinstance(digest["dtype"], str) or not _is_sha256(digest["sha256"]):
+            return False
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            return False
+    return True
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -140,8 +178,12 @@ def format_sums(sums: dict[str, str]) -> str:
 
 
 def read_sums(path: Path) -> dict[str, str]:
+    try:
+        text = read_small(path, limit=SMALL_FILE_LIMIT, what=SUMS_NAME, error=IntegrityError).decode()
+    except UnicodeDecodeError:
+        raise IntegrityError(f"{path}: not UTF-8 text, so not a {SUMS_NAME} file weight-diff wrote") from None
     sums = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         digest, sep, name = line.partition("  ")

@@ -21,6 +21,7 @@ from .errors import IntegrityError, UsageError, WeightDiffError
 from .files import CONFIG_NAME, write_atomic
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, file_sha256, read_sums
 from .plan import Plan
+from .untrusted import load_json
 from .writer import PARTIAL_SUFFIX
 
 JOURNAL_NAME = ".weight-diff-progress.json"
@@ -189,11 +190,16 @@ class Journal:
     def load(cls, out: Path, fingerprint: str) -> Journal:
         """Return the interrupted run's journal, refusing one made from other inputs or options."""
         path = out / JOURNAL_NAME
+        unreadable = f"{path}: unreadable; start again with --overwrite instead of --resume"
         try:
-            body = json.loads(path.read_text())
+            body = load_json(path.read_bytes(), where=str(path), error=UsageError)
             previous, shards, tensors = body["fingerprint"], dict(body["shards"]), dict(body["tensors"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UsageError(f"{path}: unreadable; start again with --overwrite instead of --resume") from None
+        except (OSError, ValueError, KeyError, TypeError, UsageError):
+            raise UsageError(unreadable) from None
+        if not all(isinstance(v, str) for v in shards.values()) or not all(
+            isinstance(v, dict) for v in tensors.values()
+        ):
+            raise UsageError(unreadable)
         if previous != fingerprint:
             raise UsageError(
                 f"{out}: the interrupted run there used other inputs or options; repeat its exact command "

@@ -18,6 +18,8 @@ from pathlib import Path, PurePosixPath
 
 from .errors import CheckpointError, UsageError, WeightDiffError
 
+SMALL_FILE_LIMIT = 512 * 2**20  # config, tokenizer, template, manifest: a tokenizer.json is tens of MB at most
+
 
 def given_path(value: str | os.PathLike, what: str) -> Path:
     """Return the path the user gave, refusing an empty one (``Path("")`` would silently mean ``.``)."""
@@ -92,9 +94,3 @@ def read_small(path: Path, *, limit: int, what: str, error: type[WeightDiffError
             return file.read(size)
     except OSError as exc:
         raise error(f"{path}: unreadable ({exc.strerror})") from None
-
-
-def require(condition: bool, message: str, error: type[WeightDiffError] = CheckpointError) -> None:
-    """Raise ``error(message)`` unless ``condition``: one line per shape check of a JSON body."""
-    if not condition:
-        raise error(message)

@@ -79,7 +79,8 @@ def looks_xor(directory: Path) -> str | None:
     config = directory / CONFIG_NAME
     if not config.is_file():
         return None
-    data = config.read_bytes()[:64].lstrip()
+    with config.open("rb") as file:  # the first bytes only: never a whole file, which may be anything
+        data = file.read(64).lstrip()
     if data.startswith(b"{"):
         return None
     return f"{CONFIG_NAME} is not JSON: every file is XOR-encoded against the raw model's file of the same name"
