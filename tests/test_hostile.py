@@ -662,3 +662,63 @@ def test_compare_of_two_models_that_differ_exits_1_with_its_report(pair):
     result = run("compare", raw, tuned, "--quiet")
     assert result.exit_code == 1, result.output
     assert "DIFFER:" in result.output and "unexpected" not in result.output and "report it" not in result.output
+
+
+# --- SHA256SUMS escaped as coreutils escapes it --------------------------------------------------------------------
+
+ODD_NAMES = [
+    "new\nline",
+    "back\\slash",
+    "cr\rx",
+    "*star",
+    " space",
+    "tab\tname",
+    "é-accent",
+    "fs\x1csep",
+    "\\n-literal",
+]
+
+
+def _odd_directory(tmp_path: Path) -> Path:
+    directory = tmp_path / "odd"
+    directory.mkdir()
+    for number, name in enumerate(ODD_NAMES):
+        (directory / name).write_bytes(f"file {number}".encode())
+    return directory
+
+
+@pytest.mark.skipif(shutil.which("sha256sum") is None, reason="coreutils sha256sum not installed")
+def test_odd_file_names_round_trip_through_our_sums_and_coreutils(tmp_path):
+    import hashlib
+    import subprocess
+
+    from weight_diff.manifest import format_sums
+    from weight_diff.verify import check_sums
+
+    directory = _odd_directory(tmp_path)
+    sums = {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in ODD_NAMES}
+    (directory / "SHA256SUMS").write_text(format_sums(sums))
+    checked = subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=directory, capture_output=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    checks, notes = check_sums(directory)
+    assert sorted(c.subject for c in checks) == sorted(ODD_NAMES) and all(c.ok for c in checks) and not notes
+    for flag in ("--text", "--binary"):  # and what coreutils writes, we read
+        written = subprocess.run(["sha256sum", flag, "--", *ODD_NAMES], cwd=directory, capture_output=True, check=True)
+        (directory / "SHA256SUMS").write_bytes(written.stdout)
+        checks, notes = check_sums(directory)
+        assert sorted(c.subject for c in checks) == sorted(ODD_NAMES) and all(c.ok for c in checks), flag
+    (directory / "new\nline").write_text("changed")
+    result = run("verify", directory)
+    assert result.exit_code == 1 and "MISMATCH new\nline: content changed" in result.output
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["\\" + "a" * 64 + "  bad\\escape", "a" * 64 + "\tname", "a" * 63 + "   name", "\\" + "a" * 64 + "  trailing\\"],
+)
+def test_a_malformed_sums_line_is_named(tmp_path, line):
+    directory = tmp_path / "d"
+    directory.mkdir()
+    (directory / "SHA256SUMS").write_text(line + "\n")
+    result = run("verify", directory)
+    assert_one_line_refusal(result, 1, "SHA256SUMS:1:")

@@ -173,21 +173,51 @@ def file_digest(path: Path, algorithm: str) -> str:
 
 
 def format_sums(sums: dict[str, str]) -> str:
-    """Return ``SHA256SUMS`` text: one ``<hex>  <file>`` line a file, sorted, as ``sha256sum`` writes it."""
-    return "".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items()))
+    r"""Return ``SHA256SUMS`` text: one ``<hex>  <file>`` line a file, sorted, as ``sha256sum`` writes it.
+
+    As coreutils does, a name holding a backslash, newline or carriage return is escaped (``\\``, ``\n``,
+    ``\r``) and its line starts with a backslash, so that every name reads back exactly.
+    """
+    lines = []
+    for name, digest in sorted(sums.items()):
+        escaped = name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        prefix = "\\" if escaped != name else ""
+        lines.append(f"{prefix}{digest}  {escaped}\n")
+    return "".join(lines)
+
+
+_UNESCAPE = {"\\": "\\", "n": "\n", "r": "\r"}
 
 
 def read_sums(path: Path) -> dict[str, str]:
+    """Return {file name: SHA-256} from a ``SHA256SUMS`` in coreutils' format (text ``"  "`` or binary ``" *"``
+    lines, escaped names), refusing lines that are not."""
     try:
         text = read_small(path, limit=SMALL_FILE_LIMIT, what=SUMS_NAME, error=IntegrityError).decode()
     except UnicodeDecodeError:
         raise IntegrityError(f"{path}: not UTF-8 text, so not a {SUMS_NAME} file weight-diff wrote") from None
     sums = {}
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64:
+        escaped = line.startswith("\\")
+        body = line[1:] if escaped else line
+        digest, mode, name = body[:64], body[64:66], body[66:]
+        name = _unescape(name) if escaped else name
+        if len(digest) != 64 or not all(c in "0123456789abcdefABCDEF" for c in digest) or mode not in ("  ", " *"):
             raise IntegrityError(f"{path}:{number}: not a sha256sum line: {line[:80]!r}")
-        sums[name.lstrip("*")] = digest
+        if name is None or not name:
+            raise IntegrityError(f"{path}:{number}: a badly escaped file name: {line[:80]!r}")
+        sums[name] = digest.lower()
     return sums
+
+
+def _unescape(name: str) -> str | None:
+    out, chars = [], iter(name)
+    for char in chars:
+        if char == "\\":
+            char = _UNESCAPE.get(next(chars, ""))
+            if char is None:
+                return None
+        out.append(char)
+    return "".join(out)
