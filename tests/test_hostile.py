@@ -605,6 +605,9 @@ def test_a_damaged_json_file_in_the_diff_is_one_clear_line(pair, made_diff, copy
     diff = copy_dir(made_diff)
     name, change, message = BAD_DIFF_FILES[case]
     path = diff / name
+    if name == "config.json":  # without checksums, so that the file itself is what gets refused
+        (diff / "SHA256SUMS").unlink()
+        _edit_json(diff / "weight-diff-manifest.json", _manifest_edit(lambda body: body.pop("files")))
     if isinstance(change, bytes):
         path.write_bytes(change)
     else:
@@ -615,9 +618,9 @@ def test_a_damaged_json_file_in_the_diff_is_one_clear_line(pair, made_diff, copy
     assert snapshot(diff) == before and not (tmp_path / "out").exists()
 
 
-def test_a_broken_tokenizer_config_refuses_the_run_before_any_shard_is_written(pair, made_diff, copy_dir, tmp_path):
+def test_a_broken_tokenizer_config_refuses_the_run_before_any_shard_is_written(pair, legacy_diff, copy_dir, tmp_path):
     raw, _ = pair
-    diff = copy_dir(made_diff)
+    diff = copy_dir(legacy_diff)  # no checksums to catch it first
     (diff / "tokenizer_config.json").write_text('{"model_max_length": 2048,')  # cut short
     before = snapshot(diff)
     result = recover_cli(raw, diff, tmp_path / "out", "--chat-template", "open-instruct")
@@ -722,3 +725,59 @@ def test_a_malformed_sums_line_is_named(tmp_path, line):
     (directory / "SHA256SUMS").write_text(line + "\n")
     result = run("verify", directory)
     assert_one_line_refusal(result, 1, "SHA256SUMS:1:")
+
+
+# --- the diff's own checksums cover its config and companion files ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, action",
+    [
+        ("config.json", "edit"),
+        ("tokenizer_config.json", "edit"),
+        ("tokenizer.json", "edit"),
+        ("generation_config.json", "edit"),
+        ("tokenizer.json", "remove"),
+        ("config.json", "edit-without-sha256sums"),
+        ("tokenizer.json", "edit-both-sums-agree-not"),
+    ],
+)
+def test_a_companion_edited_after_make_diff_is_refused_by_recover_and_verify(
+    pair, made_diff, copy_dir, tmp_path, name, action
+):
+    import hashlib
+
+    raw, _ = pair
+    diff = copy_dir(made_diff)
+    manifest = json.loads((diff / "weight-diff-manifest.json").read_text())
+    assert name in manifest["files"]  # make-diff covers its companions in the manifest
+    path = diff / name
+    if action == "remove":
+        path.unlink()
+    else:
+        body = json.loads(path.read_text())
+        body["edited"] = "after make-diff"
+        path.write_text(json.dumps(body))
+    if action == "edit-without-sha256sums":
+        (diff / "SHA256SUMS").unlink()
+    if action == "edit-both-sums-agree-not":  # SHA256SUMS re-made to match the edit; the manifest still disagrees
+        sums = (diff / "SHA256SUMS").read_text().splitlines()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        fixed = [f"{digest}  {name}" if line.endswith(f"  {name}") else line for line in sums]
+        (diff / "SHA256SUMS").write_text("\n".join(fixed) + "\n")
+    before = snapshot(diff)
+    result = recover_cli(raw, diff, tmp_path / "out")
+    message = {"remove": "listed in the diff's checksums but missing", "edit-both-sums-agree-not": "disagree"}
+    assert_one_line_refusal(result, 1, message.get(action, "differs from the diff's checksums"))
+    assert snapshot(diff) == before and not (tmp_path / "out").exists()
+    checked = run("verify", diff)
+    assert checked.exit_code == 1, checked.output
+    assert "Traceback" not in checked.output and "unexpected" not in checked.output
+    if action != "edit-both-sums-agree-not":
+        assert f"MISMATCH {name}" in checked.output, checked.output
+
+
+def test_verify_of_an_untouched_diff_checks_its_files_too(made_diff):
+    result = run("verify", made_diff)
+    assert result.exit_code == 0, result.output
+    assert "diff files and tensors" in result.output

@@ -470,7 +470,7 @@ def verify(path, diff_dir):
     for note in report.notes:
         click.echo(f"note: {note}")
     matched = len(report.checks) - len(report.failures)
-    what = "files and tensors" if report.kind == "model" else "diff tensors"
+    what = "files and tensors" if report.kind == "model" else "diff files and tensors"
     if not report.ok:
         raise _Stop(f"{path}: {len(report.failures)} of {len(report.checks)} {what} do not match", 1)
     click.echo(f"verified: {matched} {what} in {path} match")

@@ -27,14 +27,16 @@ NOT_COPIED = {SAFETENSORS_INDEX, BIN_INDEX, MANIFEST_NAME, RECOVERY_NAME, SUMS_N
 
 def companion_files(directory: Path) -> list[Path]:
     """Return the files to carry from an input to the output: everything at the top level but weights."""
-    return sorted(
-        path
-        for path in directory.iterdir()
-        if path.is_file()
-        and not path.name.startswith(".")
-        and path.suffix not in (*WEIGHT_SUFFIXES, COMPACT_SUFFIX)
-        and path.name not in NOT_COPIED
-        and not path.name.endswith(PARTIAL_SUFFIX)
+    return sorted(path for path in directory.iterdir() if is_companion(path.name) and path.is_file())
+
+
+def is_companion(name: str) -> bool:
+    """Return whether a file of this name is carried from an input to the output beside the weights."""
+    return (
+        not name.startswith(".")
+        and Path(name).suffix not in (*WEIGHT_SUFFIXES, COMPACT_SUFFIX)
+        and name not in NOT_COPIED
+        and not name.endswith(PARTIAL_SUFFIX)
     )
 
 

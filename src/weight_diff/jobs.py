@@ -24,12 +24,22 @@ from . import __version__, compact, families, files, output, tokenizer, xor
 from .checkpoint import Checkpoint
 from .checks import Finding, Plausibility
 from .errors import IntegrityError, UsageError
-from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, Manifest, TensorRecord, dtype_name, format_sums
+from .manifest import (
+    MANIFEST_NAME,
+    RECOVERY_NAME,
+    SUMS_NAME,
+    Manifest,
+    TensorRecord,
+    dtype_name,
+    file_sha256,
+    format_sums,
+)
 from .pipeline import Hashing, Pipeline, TensorDigests
 from .plan import Plan, TensorJob, plan_pairs
 from .role import classify
 from .sources import hub, hub_diff, meta
 from .untrusted import SMALL_FILE_LIMIT, given_path, read_small
+from .verify import expected_file_sums
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 DIFF_FORMATS = ("float32", "compact")
@@ -122,6 +132,7 @@ def recover(
             ) as diff,
         ):
             manifest = Manifest.load(diff_dir)
+            _check_promised(diff_dir, expected_file_sums(diff_dir, manifest))
             _check_roles(raw, diff, manifest)
             meta.check_base(raw, diff_dir, "diff")
             if rule is not None:
@@ -387,7 +398,7 @@ def _run(
     config: dict,
     companions: list[Path],
     tokens: tokenizer.OutputTokenizer,
-    extra_files: dict[str, Callable[[], bytes]],
+    extra_files: dict[str, Callable[[dict[str, bytes]], bytes]],
     chat_template: str | None,
     overwrite: bool,
     resume: bool,
@@ -463,9 +474,9 @@ def _run(
     if len(plan.shards) > 1 and plan.shards[0].file_name.endswith(".safetensors"):  # compact files list themselves
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map}
         small[SAFETENSORS_INDEX] = files.json_bytes(index)
-    for name, make in extra_files.items():
-        small[name] = make()
     config_bytes = files.json_bytes(config)
+    for name, make in extra_files.items():
+        small[name] = make({**small, files.CONFIG_NAME: config_bytes})
     sums = dict(journal.shards)
     for name, data in small.items():
         files.write_atomic(out / name, data)
@@ -519,6 +530,24 @@ def _input_identity(checkpoint: Checkpoint) -> Path | str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _check_promised(directory: Path, promised: dict[str, str]) -> None:
+    """Refuse, before anything reads or writes them, a config or companion file that differs from what the diff's
+    checksums promise, or that they list but the diff lacks: it was edited or damaged after make-diff."""
+    for name, digest in sorted(promised.items()):
+        if not (files.is_companion(name) or name == files.CONFIG_NAME):
+            continue  # weights are checked tensor by tensor against the manifest
+        path = directory / name
+        if not path.is_file():
+            raise IntegrityError(
+                f"{path}: listed in the diff's checksums but missing; download it again. Nothing was written"
+            )
+        if file_sha256(path) != digest:
+            raise IntegrityError(
+                f"{path}: differs from the diff's checksums (edited or damaged after make-diff); download it again. "
+                "Nothing was written"
+            )
 
 
 def _check_roles(raw: Checkpoint, diff: Checkpoint, manifest: Manifest | None) -> None:

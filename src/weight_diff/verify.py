@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import Checkpoint, TensorInfo
 from .container import compact_files
-from .errors import UsageError
+from .errors import IntegrityError, UsageError
 from .manifest import MANIFEST_NAME, SUMS_NAME, Manifest, dtype_name, file_sha256, read_sums, tensor_bytes
 from .untrusted import confined_name, given_path
 
@@ -93,9 +93,36 @@ def check_sums(directory: Path) -> tuple[list[Check], list[str]]:
     return checks, notes
 
 
+def expected_file_sums(directory: Path, manifest: Manifest | None) -> dict[str, str]:
+    """Return the SHA-256 a diff promises for its files: its ``SHA256SUMS`` and its manifest's ``files``.
+
+    When both name a file they must agree; otherwise one of them was edited after make-diff.
+    """
+    expected = read_sums(directory / SUMS_NAME) if (directory / SUMS_NAME).is_file() else {}
+    for name, digest in (manifest.files if manifest is not None else {}).items():
+        if expected.setdefault(name, digest) != digest:
+            raise IntegrityError(
+                f"{directory}: {SUMS_NAME} and {MANIFEST_NAME} disagree about {name}; one was edited after "
+                "make-diff: download the diff again"
+            )
+    return expected
+
+
 def _verify_diff(directory: Path) -> VerifyReport:
     manifest = Manifest.load(directory)
     report = VerifyReport(directory, "diff")
+    if (directory / SUMS_NAME).is_file():
+        report.checks, report.notes = check_sums(directory)
+    listed = {check.subject for check in report.checks}
+    for name, digest in expected_file_sums(directory, manifest).items():
+        if name in listed or not confined_name(name):
+            continue
+        path = directory / name
+        if not path.is_file():
+            report.checks.append(Check(name, False, "in the manifest but missing"))
+        else:
+            same = file_sha256(path) == digest
+            report.checks.append(Check(name, same, "" if same else "differs from the manifest"))
     if compact_files(directory):
         _verify_compact_diff(directory, manifest, report)
         return report
