@@ -781,3 +781,117 @@ def test_verify_of_an_untouched_diff_checks_its_files_too(made_diff):
     result = run("verify", made_diff)
     assert result.exit_code == 0, result.output
     assert "diff files and tensors" in result.output
+
+
+# --- doubtful cases, decided: NaN/Inf warned, float16 overflow refused, all-zero diffs, what is copied -------------
+
+
+def _model_with(source: Path, target: Path, change) -> Path:
+    """Copy a model directory and rewrite its weights after ``change(state)``."""
+    from conftest import load_tensors
+    from weight_diff.tiny_llama import save_checkpoint
+
+    shutil.copytree(source, target)
+    state = load_tensors(source)
+    change(state)
+    save_checkpoint(state, target, fmt="safetensors")
+    return target
+
+
+def test_nan_in_the_tuned_model_is_warned_by_make_diff_and_recover(pair, tmp_path):
+    raw, tuned = pair
+
+    def poison(state):
+        state["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+        state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
+
+    bad = _model_with(tuned, tmp_path / "tuned", poison)
+    made = run("make-diff", "--path_raw", raw, "--path_tuned", bad, "--path_diff", tmp_path / "diff", "--quiet")
+    assert made.exit_code == 0, made.output
+    assert "warning: 2 tensors hold NaN or Inf values (first: model.layers.0.mlp.up_proj.weight)" in made.output
+    result = recover_cli(raw, tmp_path / "diff", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "warning: 2 tensors hold NaN or Inf values" in result.output
+    assert "verified: " in result.output and "NaN/Inf values included" in result.output
+
+
+def test_a_finite_model_gets_no_warning(pair, made_diff, tmp_path):
+    raw, _ = pair
+    result = recover_cli(raw, made_diff, tmp_path / "out")
+    assert result.exit_code == 0 and "warning" not in result.output and "note:" not in result.output
+
+
+@pytest.mark.parametrize("dtype, value, refused", [("float16", 1e6, True), ("bfloat16", 1e6, False)])
+def test_a_cast_that_overflows_to_inf_is_refused(pair, tmp_path, dtype, value, refused):
+    raw, tuned = pair
+
+    def grow(state):
+        state["model.layers.1.mlp.down_proj.weight"][2, 2] = value
+
+    big = _model_with(tuned, tmp_path / "tuned", grow)
+    assert (
+        run("make-diff", "--path_raw", raw, "--path_tuned", big, "--path_diff", tmp_path / "diff", "-q").exit_code == 0
+    )
+    out = tmp_path / "out"
+    result = recover_cli(raw, tmp_path / "diff", out, "--dtype", dtype)
+    if not refused:
+        assert result.exit_code == 0 and "warning" not in result.output, result.output
+        return
+    assert_one_line_refusal(result, 2, "exceed float16's range and would be written as Inf")
+    assert not (out / "config.json").exists()
+    again = recover_cli(raw, tmp_path / "diff", out, "--dtype", "bfloat16", "--overwrite")
+    assert again.exit_code == 0, again.output
+
+
+def test_make_diff_of_a_model_against_itself(pair, tmp_path):
+    raw, _ = pair
+    same = run("make-diff", "--path_raw", raw, "--path_tuned", raw, "--path_diff", tmp_path / "diff", "-q")
+    assert_one_line_refusal(same, 2, "the same directory, so the diff would be all zeros")
+    assert not (tmp_path / "diff").exists()
+    twin = shutil.copytree(raw, tmp_path / "twin")
+    copy = run("make-diff", "--path_raw", raw, "--path_tuned", twin, "--path_diff", tmp_path / "diff", "-q")
+    assert copy.exit_code == 0, copy.output
+    assert "warning: every value of the diff is 0" in copy.output
+
+
+def test_only_what_a_model_directory_needs_is_copied_and_the_rest_is_named(pair, made_diff, copy_dir, tmp_path):
+    raw, _ = pair
+    diff = copy_dir(made_diff)
+    (diff / "tf_model.h5").write_bytes(b"\x89HDF" + bytes(1000))
+    (diff / "model.gguf").write_bytes(b"GGUF" + bytes(100))
+    (diff / "flax_model.msgpack").write_bytes(bytes(10))
+    (diff / "LICENSE").write_text("licence text")
+    (diff / "README.md").write_text("# card")
+    # new files are not in the diff's checksums: the checked companions stay as they were
+    result = recover_cli(raw, diff, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert (out / "LICENSE").read_text() == "licence text" and (out / "README.md").exists()
+    assert not any((out / name).exists() for name in ("tf_model.h5", "model.gguf", "flax_model.msgpack"))
+    assert "note: not copied (not part of a Hugging Face model directory): flax_model.msgpack, model.gguf, " in (
+        result.output
+    )
+
+
+def test_the_output_directory_is_fsynced_after_each_rename(pair, made_diff, tmp_path, monkeypatch):
+    raw, _ = pair
+    out = tmp_path / "out"
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kwargs):
+        events.append(("rename", str(Path(dst).parent)))
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert recover_cli(raw, made_diff, out, "--max-shard-size", "200KB").exit_code == 0
+    renames = [i for i, event in enumerate(events) if event == ("rename", str(out))]
+    assert len(renames) >= 5
+    for index in renames:  # every rename into the output is followed by an fsync of the output directory
+        assert ("fsync", str(out)) in events[index + 1 :], events[index:]
+    assert events[-1] == ("fsync", str(out))

@@ -349,13 +349,15 @@ def recover(
     shown.late(findings)
     click.echo(f"family: {report.family} ({report.family_reason})")
     click.echo(_summary("recovered", report))
+    _warnings(report, source="the diff or the raw model")
     for check in report.checks:
         click.echo(f"check: {check}")
     if report.downloads_checked:
         click.echo("downloaded files match the hub's checksums")
     if report.verified:
         against = "manifest" if report.unit == "tensors" else "checksum list"
-        click.echo(f"verified: {report.tensors} {report.unit} match the publisher's {against}")
+        nan = ", NaN/Inf values included" if report.nonfinite else ""
+        click.echo(f"verified: {report.tensors} {report.unit} match the publisher's {against}{nan}")
     else:
         for finding in findings:
             if finding.severity == "pass":
@@ -412,6 +414,9 @@ def make_diff(
     )  # fmt: skip
     shown.late(report.findings)
     click.echo(_summary("made diff of", report))
+    _warnings(report, source="the tuned or the raw model")
+    if report.all_zero:
+        click.echo("warning: every value of the diff is 0: the tuned model has the same weights as the raw one")
     if report.downloads_checked:
         click.echo("downloaded files match the hub's checksums")
     if report.manifest:
@@ -474,6 +479,17 @@ def verify(path, diff_dir):
     if not report.ok:
         raise _Stop(f"{path}: {len(report.failures)} of {len(report.checks)} {what} do not match", 1)
     click.echo(f"verified: {matched} {what} in {path} match")
+
+
+def _warnings(report, *, source: str) -> None:
+    if report.nonfinite:
+        click.echo(
+            f"warning: {len(report.nonfinite)} tensors hold NaN or Inf values (first: {report.nonfinite[0]}); "
+            f"{source} has them. Check the model before using it"
+        )
+    if report.left_behind:
+        shown = ", ".join(report.left_behind[:5]) + (", ..." if len(report.left_behind) > 5 else "")
+        click.echo(f"note: not copied (not part of a Hugging Face model directory): {shown}")
 
 
 def _summary(verb: str, report) -> str:

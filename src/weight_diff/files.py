@@ -17,7 +17,7 @@ from .container import SUFFIX as COMPACT_SUFFIX
 from .errors import CheckpointError, DiskFullError
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, dtype_name
 from .untrusted import SMALL_FILE_LIMIT, load_json, read_small
-from .writer import FILE_MODE, PARTIAL_SUFFIX
+from .writer import FILE_MODE, PARTIAL_SUFFIX, fsync_directory
 
 CONFIG_NAME = "config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a template, preferred to tokenizer_config
@@ -25,18 +25,51 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves a templ
 NOT_COPIED = {SAFETENSORS_INDEX, BIN_INDEX, MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, CONFIG_NAME}
 
 
+# What a Hugging Face model directory needs beside its weights: config, tokenizer, chat template, processor.
+COMPANION_NAMES = {
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    CHAT_TEMPLATE_FILE,
+    "chat_template.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "preprocessor_config.json",
+    "processor_config.json",
+}
+# Documents carried too (licences, the model card), by suffix: never weights of another framework or format.
+DOCUMENT_SUFFIXES = {"", ".md", ".txt", ".rst"}
+
+
 def companion_files(directory: Path) -> list[Path]:
-    """Return the files to carry from an input to the output: everything at the top level but weights."""
+    """Return the files to carry from an input to the output: config, tokenizer, licences and model card."""
     return sorted(path for path in directory.iterdir() if is_companion(path.name) and path.is_file())
 
 
 def is_companion(name: str) -> bool:
     """Return whether a file of this name is carried from an input to the output beside the weights."""
-    return (
-        not name.startswith(".")
-        and Path(name).suffix not in (*WEIGHT_SUFFIXES, COMPACT_SUFFIX)
-        and name not in NOT_COPIED
-        and not name.endswith(PARTIAL_SUFFIX)
+    if name.startswith(".") or name.endswith(PARTIAL_SUFFIX) or name in NOT_COPIED:
+        return False
+    return name in COMPANION_NAMES or Path(name).suffix.lower() in DOCUMENT_SUFFIXES
+
+
+def left_behind(directory: Path) -> list[str]:
+    """Return the input's top-level files that are neither weights we read, our records, nor carried companions
+    (a ``tf_model.h5``, a ``model.gguf``, ...), so that the user is told what was not copied."""
+    return sorted(
+        path.name
+        for path in directory.iterdir()
+        if path.is_file()
+        and not path.name.startswith(".")
+        and not is_companion(path.name)
+        and path.name not in NOT_COPIED
+        and path.suffix not in (*WEIGHT_SUFFIXES, COMPACT_SUFFIX)
     )
 
 
@@ -87,6 +120,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
     os.close(fd)
     os.replace(partial, path)
+    fsync_directory(path.parent)
 
 
 def json_bytes(body: dict) -> bytes:

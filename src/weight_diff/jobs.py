@@ -64,6 +64,9 @@ class RunReport:
     checks: tuple[str, ...] = ()  # the family's own checks, as passed
     findings: tuple[Finding, ...] = ()  # the plausibility checks on everything read (checks.py)
     downloads_checked: bool = False  # an input came from the hub, and every file of it matched the hub's checksums
+    nonfinite: tuple[str, ...] = ()  # tensors written with NaN or Inf values (this run's shards)
+    all_zero: bool = False  # every value written was 0: tuned equals raw (make-diff)
+    left_behind: tuple[str, ...] = ()  # input files not copied: not part of a Hugging Face model directory
 
 
 def recover(
@@ -97,6 +100,10 @@ def recover(
     out = given_path(path_tuned, "--path_tuned")
     for given, flag in ((path_raw, "--path_raw"), (path_diff, "--path_diff")):
         given_path(given, flag)  # an empty one is never taken as the current directory
+    if hub.snapshot_dir(path_raw).resolve() == hub.snapshot_dir(path_diff).resolve():
+        raise UsageError(
+            f"{path_diff}: --path_raw and --path_diff are the same directory; give the diff as --path_diff"
+        )
     with output.claim(
         out, [hub.snapshot_dir(path_raw), hub.snapshot_dir(path_diff)], overwrite=overwrite, resume=resume
     ):
@@ -308,6 +315,11 @@ def make_diff(
     out = given_path(path_diff, "--path_diff")
     for given, flag in ((path_raw, "--path_raw"), (path_tuned, "--path_tuned")):
         given_path(given, flag)
+    if hub.snapshot_dir(path_raw).resolve() == hub.snapshot_dir(path_tuned).resolve():
+        raise UsageError(
+            f"{path_tuned}: --path_raw and --path_tuned are the same directory, so the diff would be all zeros; give "
+            "the fine-tuned model as --path_tuned"
+        )
     rule = families.family_named(family) if family is not None else None
     if rule is not None and not rule.makes_diff:
         makers = ", ".join(f.name for f in families.FAMILIES if f.makes_diff)
@@ -416,6 +428,15 @@ def _run(
     ``on_shard_written`` hears the tensors of each shard once it is on disk (and of those kept by --resume).
     """
     started = time.monotonic()
+    nonfinite: list[str] = []
+    nonzero = [len(plan.jobs) == 0]
+
+    def look(job: TensorJob, digests: TensorDigests) -> None:
+        if digests.nonfinite:
+            nonfinite.append(job.name)
+        nonzero[0] = nonzero[0] or not digests.all_zero
+        on_tensor(job, digests)
+
     fingerprint = output.plan_fingerprint(mode, plan, [_input_identity(raw), _input_identity(other)])
     # Everything that can refuse the run does so before the first write.
     journal = (
@@ -455,6 +476,7 @@ def _run(
     if on_plan is not None:
         on_plan(plan)
     if stream is not None:
+        nonzero[0] = True  # the compact stream reports no values
         stream(done, on_shard)
     else:
         pipeline = Pipeline(
@@ -464,7 +486,7 @@ def _run(
             out,
             mode=mode,
             hashing=hashing,
-            on_tensor=on_tensor,
+            on_tensor=look,
             on_shard=on_shard,
             progress=progress or (lambda nbytes: None),
             observe=plausibility.observe if plausibility is not None else None,
@@ -496,6 +518,9 @@ def _run(
         verified=has_manifest and mode == "recover",
         notes=tokens.notes,
         findings=tuple(plausibility.at_end()) if plausibility is not None else (),
+        nonfinite=tuple(nonfinite),
+        all_zero=not nonzero[0] and not done,
+        left_behind=tuple(files.left_behind(other.directory)),
     )
 
 

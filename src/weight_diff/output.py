@@ -22,7 +22,7 @@ from .files import CONFIG_NAME, write_atomic
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, file_sha256, read_sums
 from .plan import Plan
 from .untrusted import load_json
-from .writer import PARTIAL_SUFFIX
+from .writer import PARTIAL_SUFFIX, fsync_directory
 
 JOURNAL_NAME = ".weight-diff-progress.json"
 SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
@@ -229,6 +229,7 @@ class Journal:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        fsync_directory(self.path.parent)
 
 
 def make_output_dir(out: Path) -> None:

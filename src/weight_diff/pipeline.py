@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,7 @@ import torch
 
 from . import arithmetic
 from .checkpoint import DIRECT_ALIGN, Checkpoint, aligned_bytes
+from .errors import UsageError
 from .manifest import Digest, dtype_name, tensor_bytes
 from .plan import Plan, ShardPlan, TensorJob
 from .writer import ShardWriter
@@ -49,12 +51,15 @@ class Hashing:
 
 @dataclass(frozen=True)
 class TensorDigests:
-    """The hashes computed for one tensor; None where the run did not compute them."""
+    """The hashes computed for one tensor (None where the run did not compute them), and what its written values
+    were like: any NaN or Inf, or all zero (a diff of a model against itself)."""
 
     raw: Digest | None
     diff: Digest | None
     result: Digest | None
     sum: float | None = None  # of the result (float64 over blocks), for a family's integrity sum
+    nonfinite: bool = False
+    all_zero: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ class _TensorHashes:
     fixed_mean: torch.Tensor | None = None  # torch's float32 mean of raw's rows, computed before the tensor
     total: float | None = None  # the result's running sum (float64), when the run sums
     futures: dict[str, Future] = field(default_factory=dict)
+    nonfinite: bool = False  # set on the result lane, block by block
+    nonzero: bool = False
 
     def ready(self) -> bool:
         return all(future.done() for future in self.futures.values())
@@ -143,6 +150,8 @@ class _TensorHashes:
             diff=digest("diff", torch.float32, self.job.out_shape),
             result=digest("result", torch.float32, self.job.out_shape),
             sum=self.total,
+            nonfinite=self.nonfinite,
+            all_zero=not self.nonzero,
         )
 
 
@@ -309,6 +318,7 @@ class Pipeline:
             hasher = getattr(hashes, part)
             if hasher is not None:
                 hashes.futures[part] = self._submit(lane, hasher.hexdigest)
+        hashes.futures["values"] = self._submit("result", lambda: None)  # the lane is ordered: every block looked at
 
     def _compute(
         self,
@@ -355,10 +365,12 @@ class Pipeline:
             written = work
             if hashes.diff is not None or hashes.result is not None:
                 buffers.pending.append(self._submit("result", _update_both, hashes, work, result))
+        values, cast = written, None
         if job.out_dtype != written.dtype:
             cast = buffers.cast[: count * job.out_dtype.itemsize].view(job.out_dtype).view(shape)
             cast.copy_(written)
             written = cast
+        buffers.pending.append(self._submit("result", _look_at_values, hashes, values, cast))
         data = tensor_bytes(written)
         buffers.pending.append(self._submit("file", file_hash.update, data))
         buffers.pending.append(self._submit("write", writer.write, data))
@@ -368,6 +380,24 @@ class Pipeline:
 def _as(buffer: torch.Tensor, dtype: torch.dtype, count: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Return the first ``count`` elements of a reused float32 buffer, viewed as ``dtype`` in ``shape``."""
     return buffer.view(torch.uint8)[: count * dtype.itemsize].view(dtype).view(shape)
+
+
+def _look_at_values(hashes: _TensorHashes, values: torch.Tensor, cast: torch.Tensor | None) -> None:
+    """Note NaN/Inf and non-zero values of a block, and refuse a cast that turns finite values into Inf.
+
+    One ``aminmax`` pass (NaN and Inf reach the min or max), on the result lane, beside the hashing.
+    """
+    low, high = (float(v) for v in torch.aminmax(values))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        hashes.nonfinite = hashes.nonzero = True
+        return
+    hashes.nonzero = hashes.nonzero or low != 0 or high != 0
+    if cast is not None and not all(math.isfinite(float(v)) for v in torch.aminmax(cast)):
+        name = dtype_name(cast.dtype)
+        raise UsageError(
+            f"tensor {hashes.job.name}: values up to {max(abs(low), abs(high)):.3g} exceed {name}'s range and would "
+            f"be written as Inf; run again with --dtype bfloat16 or float32 and --overwrite"
+        )
 
 
 def _update_both(hashes: _TensorHashes, diff: torch.Tensor, result: torch.Tensor) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import CheckpointError, UsageError, WeightDiffError
 
-SMALL_FILE_LIMIT = 512 * 2**20  # config, tokenizer, template, manifest: a tokenizer.json is tens of MB at most
+SMALL_FILE_LIMIT = 128 * 2**20  # config, tokenizer, template, manifest, licence: a tokenizer.json is tens of MB at most
 
 
 def given_path(value: str | os.PathLike, what: str) -> Path:

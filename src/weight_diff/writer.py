@@ -47,6 +47,15 @@ def safetensors_header(shard: ShardPlan) -> bytes:
     return len(body).to_bytes(8, "little") + body
 
 
+def fsync_directory(directory: Path) -> None:
+    """Flush a directory's entries to disk, so that a rename into it survives a power cut (as git and rsync do)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _open_for_writing(path: Path, direct: bool) -> tuple[int, bool]:
     """Return a new file's descriptor and whether it is in O_DIRECT mode (not every file system offers it)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
@@ -157,6 +166,7 @@ class ShardWriter:
         self._fd = -1
         self._release_staging()
         os.replace(self.partial, self.path)
+        fsync_directory(self.path.parent)
 
     def _fail(self, exc: OSError) -> Exception:
         self.abort()
