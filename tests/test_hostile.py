@@ -449,6 +449,22 @@ SAFETENSORS_CASES = {
     "entry-is-string": (_safetensors({"a": "F32"}, D8), False),
     "truncated": (_safetensors({"a": {**_F, "shape": [4], "data_offsets": [0, 16]}}, D8), False),
     "scalar": (_safetensors({"a": {**_F, "shape": [], "data_offsets": [0, 4]}}, D8[:4]), True),
+    "metadata-null": (
+        _safetensors({"__metadata__": None, "a": {**_F, "shape": [2], "data_offsets": [0, 8]}}, D8),
+        True,
+    ),
+    "metadata-list": (_safetensors({"__metadata__": [], "a": {**_F, "shape": [2], "data_offsets": [0, 8]}}, D8), False),
+    "dtype-lowercase": (_safetensors({"a": {"dtype": "f32", "shape": [2], "data_offsets": [0, 8]}}, D8), False),
+    "dtype-U16": (_safetensors({"a": {"dtype": "U16", "shape": [4], "data_offsets": [0, 8]}}, D8), True),
+    "no-shape": (_safetensors({"a": {**_F, "data_offsets": [0, 8]}}, D8), False),
+    "shape-null": (_safetensors({"a": {**_F, "shape": None, "data_offsets": [0, 8]}}, D8), False),
+    "header-length-0": ((0).to_bytes(8, "little"), False),
+    "header-trailing-garbage": (_safetensors(b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}} x', D8), False),
+    "header-nul-padded": (
+        (64).to_bytes(8, "little") + b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'.ljust(64, b"\0") + D8,
+        False,
+    ),
+    "name-with-newline": (_safetensors({"a\nb": {**_F, "shape": [2], "data_offsets": [0, 8]}}, D8), True),
 }
 
 
@@ -895,3 +911,24 @@ def test_the_output_directory_is_fsynced_after_each_rename(pair, made_diff, tmp_
     for index in renames:  # every rename into the output is followed by an fsync of the output directory
         assert ("fsync", str(out)) in events[index + 1 :], events[index:]
     assert events[-1] == ("fsync", str(out))
+
+
+def test_a_name_with_control_characters_stays_on_one_line_and_drives_no_terminal(tmp_path):
+    name = "evil\nname\x1b[31m"
+    (tmp_path / "model.safetensors").write_bytes(
+        _safetensors(
+            {name: {**_F, "shape": [0, 4], "data_offsets": [0, 0]}, "b": {**_F, "shape": [2], "data_offsets": [0, 8]}},
+            D8,
+        )
+    )
+    result = run("inspect", tmp_path, "--no-hash")
+    assert_one_line_refusal(result, 1, "tensor evil\\nname\\x1b[31m has no values")
+    assert "\x1b" not in result.output
+
+
+def test_directories_made_for_a_refused_run_are_removed_again(pair, tmp_path):
+    raw, tuned = pair
+    out = tmp_path / "a" / "b" / "out"
+    result = recover_cli(raw, tuned, out)  # a model given as the diff: refused after the output was claimed
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "a").exists()

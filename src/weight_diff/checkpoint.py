@@ -53,6 +53,11 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -342,7 +347,8 @@ def parse_safetensors_header(path: Path, size: int, header_bytes: bytes) -> list
         raise CheckpointError(f"{path}: not a safetensors file (unreadable header); download it again") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (malformed header); download it again")
-    metadata = header.get("__metadata__", {})
+    metadata = header.get("__metadata__")
+    metadata = {} if metadata is None else metadata  # the library takes null for none
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: its __metadata__ is not a map of strings; not a valid safetensors file")
     data_start = 8 + len(header_bytes)

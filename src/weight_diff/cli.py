@@ -35,7 +35,13 @@ class _Stop(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        click.echo(f"error: {one_line(self.format_message())}", err=True)
+
+
+def one_line(message: str) -> str:
+    """Return a message with control characters escaped: a tensor or file name holding a newline or a terminal
+    escape sequence must not split the error line or drive the terminal."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in message)
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -41,7 +41,11 @@ def claim(out: Path, inputs: list[Path], *, overwrite: bool, resume: bool) -> It
     leaves no file behind. A directory created here and still empty when the run fails is removed again.
     """
     check_location(out, inputs, overwrite=overwrite, resume=resume)
-    created = not out.exists()
+    created = []  # the directories this run makes, innermost first: removed again if the run fails while empty
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        created.append(probe)
+        probe = probe.parent
     make_output_dir(out)
     try:
         fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
@@ -59,9 +63,9 @@ def claim(out: Path, inputs: list[Path], *, overwrite: bool, resume: bool) -> It
         check_location(out, inputs, overwrite=overwrite, resume=resume)  # again, now that no other run can write
         yield
     except BaseException:
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only if nothing was written
+        with contextlib.suppress(OSError):
+            for directory in created:
+                directory.rmdir()  # only if nothing was written there
         raise
     finally:
         os.close(fd)  # releases the lock
