@@ -932,3 +932,65 @@ def test_directories_made_for_a_refused_run_are_removed_again(pair, tmp_path):
     result = recover_cli(raw, tuned, out)  # a model given as the diff: refused after the output was claimed
     assert result.exit_code == 2, result.output
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tokenizer.json", "README.md", "config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors"],
+)
+def test_a_link_out_of_the_input_directory_is_refused_unread(pair, legacy_diff, made_diff, copy_dir, tmp_path, name):
+    raw, _ = pair
+    diff = copy_dir(made_diff)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / name).write_bytes((diff / name).read_bytes() if (diff / name).exists() else b"private key")
+    (diff / name).unlink(missing_ok=True)
+    (diff / name).symlink_to(secret / name)  # what a cloned repository could hold, pointing at the user's files
+    (diff / "SHA256SUMS").unlink()  # so that the checksums do not catch it first
+    before = snapshot(diff)
+    result = recover_cli(raw, diff, tmp_path / "out")
+    assert_one_line_refusal(result, 1, "outside")
+    assert snapshot(diff) == before and not (tmp_path / "out").exists()
+
+
+def test_a_hugging_face_cache_snapshot_with_links_to_its_blobs_is_read(pair, made_diff, tmp_path):
+    raw, _ = pair
+    repo = tmp_path / "models--org--diff"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot_dir = repo / "snapshots" / "abc123"
+    snapshot_dir.mkdir(parents=True)
+    for path in made_diff.iterdir():
+        blob = repo / "blobs" / f"blob-{path.name}"
+        shutil.copy(path, blob)
+        (snapshot_dir / path.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    result = recover_cli(raw, snapshot_dir, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert run("verify", snapshot_dir).exit_code == 0
+
+
+def test_resume_leaves_a_partial_file_of_the_users_alone(pair, made_diff, tmp_path, monkeypatch):
+    from weight_diff import writer
+
+    raw, _ = pair
+    out = tmp_path / "out"
+    real_finish = writer.ShardWriter.finish
+
+    def finish_then_stop(self):
+        real_finish(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer.ShardWriter, "finish", finish_then_stop)
+    assert recover_cli(raw, made_diff, out, "--max-shard-size", "200KB").exit_code == 130
+    monkeypatch.undo()
+    (out / "thesis.tex.partial").write_text("the user's")
+    assert recover_cli(raw, made_diff, out, "--max-shard-size", "200KB", "--resume").exit_code == 0
+    assert (out / "thesis.tex.partial").read_text() == "the user's"
+
+
+def test_an_input_that_another_run_is_writing_is_not_read(pair, made_diff, copy_dir, tmp_path, held):
+    raw, tuned = pair
+    diff = copy_dir(made_diff)
+    held(diff)  # as a make-diff still writing it would
+    result = recover_cli(raw, diff, tmp_path / "out")
+    assert_one_line_refusal(result, 2, "a weight-diff run is still writing there")
+    assert not (tmp_path / "out").exists()

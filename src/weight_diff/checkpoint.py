@@ -118,7 +118,7 @@ def find_weight_files(directory: Path) -> tuple[str, list[Path], dict[str, str] 
     for index_name, layout in ((SAFETENSORS_INDEX, "safetensors-sharded"), (BIN_INDEX, "bin-sharded")):
         index_path = directory / index_name
         if index_path.is_file():
-            weight_map = _read_index(index_path)
+            weight_map = _read_index(member(directory, index_name, where=str(directory)))
             files = []
             for file_name in dict.fromkeys(weight_map.values()):
                 try:

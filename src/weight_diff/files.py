@@ -16,7 +16,7 @@ from .checkpoint import BIN_INDEX, SAFETENSORS_INDEX, WEIGHT_SUFFIXES
 from .container import SUFFIX as COMPACT_SUFFIX
 from .errors import CheckpointError, DiskFullError
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, dtype_name
-from .untrusted import SMALL_FILE_LIMIT, load_json, read_small
+from .untrusted import SMALL_FILE_LIMIT, load_json, member, read_small, resolves_inside
 from .writer import FILE_MODE, PARTIAL_SUFFIX, fsync_directory
 
 CONFIG_NAME = "config.json"
@@ -49,7 +49,13 @@ DOCUMENT_SUFFIXES = {"", ".md", ".txt", ".rst"}
 
 def companion_files(directory: Path) -> list[Path]:
     """Return the files to carry from an input to the output: config, tokenizer, licences and model card."""
-    return sorted(path for path in directory.iterdir() if is_companion(path.name) and path.is_file())
+    companions = sorted(path for path in directory.iterdir() if is_companion(path.name) and path.is_file())
+    for path in companions:
+        if not resolves_inside(directory, path):  # a cloned repo's link to ~/.ssh would be copied and published
+            raise CheckpointError(
+                f"{path}: a link to {path.resolve()}, outside {directory}; refused (copy the file in instead)"
+            )
+    return companions
 
 
 def is_companion(name: str) -> bool:
@@ -77,6 +83,7 @@ def read_config(directory: Path) -> dict:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME}; a Hugging Face model directory needs one")
+    path = member(directory, CONFIG_NAME, where=str(directory))
     config = load_json(read_small(path, limit=SMALL_FILE_LIMIT, what=CONFIG_NAME), where=str(path))
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import IntegrityError
-from .untrusted import SMALL_FILE_LIMIT, load_json, read_small
+from .untrusted import SMALL_FILE_LIMIT, load_json, read_small, resolves_inside
 
 MANIFEST_NAME = "weight-diff-manifest.json"
 MANIFEST_FORMAT = "weight-diff-manifest"
@@ -95,6 +95,8 @@ class Manifest:
         if not path.is_file():
             return None
         where = f"{path}: unreadable manifest"
+        if not resolves_inside(path.parent, path):
+            raise IntegrityError(f"{path}: a link to {path.resolve()}, outside {path.parent}; refused")
         body = load_json(read_small(path, limit=SMALL_FILE_LIMIT, what="manifest", error=IntegrityError),
                          where=where, error=IntegrityError)  # fmt: skip
         if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
@@ -192,6 +194,8 @@ _UNESCAPE = {"\\": "\\", "n": "\n", "r": "\r"}
 def read_sums(path: Path) -> dict[str, str]:
     """Return {file name: SHA-256} from a ``SHA256SUMS`` in coreutils' format (text ``"  "`` or binary ``" *"``
     lines, escaped names), refusing lines that are not."""
+    if not resolves_inside(path.parent, path):
+        raise IntegrityError(f"{path}: a link to {path.resolve()}, outside {path.parent}; refused")
     try:
         text = read_small(path, limit=SMALL_FILE_LIMIT, what=SUMS_NAME, error=IntegrityError).decode()
     except UnicodeDecodeError:

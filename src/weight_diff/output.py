@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import IntegrityError, UsageError, WeightDiffError
-from .files import CONFIG_NAME, write_atomic
+from .files import CONFIG_NAME, is_companion, write_atomic
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, file_sha256, read_sums
 from .plan import Plan
 from .untrusted import load_json
@@ -38,7 +38,8 @@ def claim(out: Path, inputs: list[Path], *, overwrite: bool, resume: bool) -> It
     """Hold ``out`` for one run: refuse unsafe locations, then lock it so that a second run is refused.
 
     The lock is an advisory ``flock`` on the directory itself, held until the run ends (a crash releases it), so it
-    leaves no file behind. A directory created here and still empty when the run fails is removed again.
+    leaves no file behind. Inputs get a shared lock: a directory another run is still writing is not read.
+    Directories created here and still empty when the run fails are removed again.
     """
     check_location(out, inputs, overwrite=overwrite, resume=resume)
     created = []  # the directories this run makes, innermost first: removed again if the run fails while empty
@@ -47,28 +48,35 @@ def claim(out: Path, inputs: list[Path], *, overwrite: bool, resume: bool) -> It
         created.append(probe)
         probe = probe.parent
     make_output_dir(out)
-    try:
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        raise WeightDiffError(f"{out}: cannot open the output directory ({exc.strerror})") from None
-    try:
+    with contextlib.ExitStack() as locks:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            raise UsageError(
-                f"{out}: another weight-diff run is writing there; wait for it to end, or choose another directory"
-            ) from None
-        check_location(out, inputs, overwrite=overwrite, resume=resume)  # again, now that no other run can write
-        yield
-    except BaseException:
-        with contextlib.suppress(OSError):
-            for directory in created:
-                directory.rmdir()  # only if nothing was written there
-        raise
-    finally:
-        os.close(fd)  # releases the lock
+            for given in inputs:
+                if given.is_dir():
+                    _lock(locks, given, fcntl.LOCK_SH, "a weight-diff run is still writing there; wait for it to end")
+            _lock(locks, out, fcntl.LOCK_EX, "another weight-diff run is writing there; wait for it to end, or "
+                  "choose another directory")  # fmt: skip
+            check_location(out, inputs, overwrite=overwrite, resume=resume)  # again, now that no other run writes
+            yield
+        except BaseException:
+            with contextlib.suppress(OSError):
+                for directory in created:
+                    directory.rmdir()  # only if nothing was written there
+            raise
+
+
+def _lock(locks: contextlib.ExitStack, directory: Path, kind: int, busy: str) -> None:
+    """Take an advisory lock on a directory until ``locks`` closes, or refuse at once with ``busy``."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise WeightDiffError(f"{directory}: cannot open the directory ({exc.strerror})") from None
+    locks.callback(os.close, fd)  # closing releases the lock
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        raise UsageError(f"{directory}: {busy}") from None
 
 
 def check_location(out: Path, inputs: list[Path], *, overwrite: bool, resume: bool) -> None:
@@ -150,8 +158,11 @@ def clear_for_overwrite(out: Path) -> None:
 
 
 def remove_partials(out: Path) -> None:
+    """Remove what an interrupted run of ours left half-written (never another ``*.partial`` of the user's)."""
     for path in out.glob("*" + PARTIAL_SUFFIX):
-        path.unlink()
+        name = path.name.removesuffix(PARTIAL_SUFFIX)
+        if OUR_SHARD.match(name) or name in OUR_NAMES or is_companion(name):
+            path.unlink()
 
 
 def _gb(nbytes: int) -> str:

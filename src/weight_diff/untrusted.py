@@ -31,11 +31,13 @@ def given_path(value: str | os.PathLike, what: str) -> Path:
 def member(directory: Path, name: object, *, where: str, error: type[WeightDiffError] = CheckpointError) -> Path:
     """Return ``directory / name`` once ``name`` is proved a plain file name inside ``directory``.
 
-    Refused: a name that is not text, absolute, climbs with ``..``, or names a folder. The file itself must be
-    regular (a symlink is followed, as the Hugging Face cache links its snapshots to blobs; a FIFO or a device
-    would hang the read).
+    Refused: a name that is not text, absolute, climbs with ``..``, or names a folder; a symlink that leads out
+    of the directory (``resolves_inside``). The file itself must be regular (a FIFO or a device would hang the read).
     """
     path = _confined(directory, name, where=where, error=error)
+    if not resolves_inside(directory, path):
+        raise error(f"{path}: named in {where}, but a link to {path.resolve()}, outside {directory}; refused (copy "
+                    "the file into the directory instead)")  # fmt: skip
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -45,6 +47,17 @@ def member(directory: Path, name: object, *, where: str, error: type[WeightDiffE
     if not stat.S_ISREG(mode):
         raise error(f"{path}: named in {where} but not a regular file; refused")
     return path
+
+
+def resolves_inside(directory: Path, path: Path) -> bool:
+    """Return whether ``path``, symlinks followed, lies inside ``directory`` (or, for a Hugging Face cache
+    snapshot ``.../snapshots/REV``, in the repository's ``blobs`` folder, where the cache's links lead)."""
+    root = directory.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    target = path.resolve()
+    return any(target.is_relative_to(allowed) for allowed in roots)
 
 
 def confined_name(name: object) -> bool:

@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .container import compact_files
 from .errors import IntegrityError, UsageError
 from .manifest import MANIFEST_NAME, SUMS_NAME, Manifest, dtype_name, file_sha256, read_sums, tensor_bytes
-from .untrusted import confined_name, given_path
+from .untrusted import confined_name, given_path, resolves_inside
 
 BLOCK_BYTES = 64 * 2**20
 
@@ -82,6 +82,8 @@ def check_sums(directory: Path) -> tuple[list[Check], list[str]]:
             checks.append(Check(name, False, "missing"))
         elif not path.is_file():
             checks.append(Check(name, False, "not a regular file; not read"))
+        elif not resolves_inside(directory, path):
+            checks.append(Check(name, False, f"a link to {path.resolve()}, outside {directory}; not read"))
         else:
             same = file_sha256(path) == expected
             checks.append(Check(name, same, "" if same else "content changed"))
