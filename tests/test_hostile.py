@@ -994,3 +994,33 @@ def test_an_input_that_another_run_is_writing_is_not_read(pair, made_diff, copy_
     result = recover_cli(raw, diff, tmp_path / "out")
     assert_one_line_refusal(result, 2, "a weight-diff run is still writing there")
     assert not (tmp_path / "out").exists()
+
+
+# --- messages that say what is wrong ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["verify", "inspect", "compare", "recover-raw", "recover-diff"])
+def test_a_file_given_for_a_directory_is_called_a_file(pair, made_diff, tmp_path, command):
+    raw, _ = pair
+    given = made_diff / "config.json"
+    args = {
+        "verify": ["verify", given],
+        "inspect": ["inspect", given],
+        "compare": ["compare", given, raw],
+        "recover-raw": ["recover", "--path_raw", given, "--path_diff", made_diff, "--path_tuned", tmp_path / "o"],
+        "recover-diff": ["recover", "--path_raw", raw, "--path_diff", given, "--path_tuned", tmp_path / "o"],
+    }[command]
+    result = run(*args)
+    assert result.exit_code in (1, 2)
+    assert_one_line_refusal(result, result.exit_code, "not a directory")
+    assert "no such directory" not in result.output
+
+
+def test_a_listed_folder_is_not_called_missing(pair, made_diff, tmp_path):
+    raw, _ = pair
+    out = tmp_path / "out"
+    assert recover_cli(raw, made_diff, out).exit_code == 0
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.json").mkdir()
+    result = run("verify", out)
+    assert result.exit_code == 1 and "MISMATCH tokenizer.json: not a regular file" in result.output
