@@ -1024,3 +1024,11 @@ def test_a_listed_folder_is_not_called_missing(pair, made_diff, tmp_path):
     (out / "tokenizer.json").mkdir()
     result = run("verify", out)
     assert result.exit_code == 1 and "MISMATCH tokenizer.json: not a regular file" in result.output
+
+
+@pytest.mark.parametrize("size", ["0", "0.1B", "0.0001KB", "-5GB", "nan", "inf", "1e3GB", ""])
+def test_a_shard_size_below_a_byte_or_not_a_size_is_refused(pair, made_diff, tmp_path, size):
+    raw, _ = pair
+    result = recover_cli(raw, made_diff, tmp_path / "out", "--max-shard-size", size)
+    assert_one_line_refusal(result, 2, "--max-shard-size")
+    assert not (tmp_path / "out").exists()

@@ -255,6 +255,7 @@ def parse_size(size: str | int) -> int:
     if isinstance(size, int):
         return size
     match = _SIZE.match(size)
-    if not match or float(match.group(1)) <= 0:
+    nbytes = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()]) if match else 0
+    if nbytes < 1:  # also "0.1B": no shard can hold less than a byte
         raise UsageError(f"--max-shard-size {size}: expected a size such as 5GB, 500MB or 2GiB")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
+    return nbytes
