@@ -429,12 +429,13 @@ def _run(
     """
     started = time.monotonic()
     nonfinite: list[str] = []
-    nonzero = [len(plan.jobs) == 0]
+    zero_tensors: list[str] = []
 
     def look(job: TensorJob, digests: TensorDigests) -> None:
         if digests.nonfinite:
             nonfinite.append(job.name)
-        nonzero[0] = nonzero[0] or not digests.all_zero
+        elif digests.all_zero:
+            zero_tensors.append(job.name)
         on_tensor(job, digests)
 
     fingerprint = output.plan_fingerprint(mode, plan, [_input_identity(raw), _input_identity(other)])
@@ -519,7 +520,7 @@ def _run(
         notes=tokens.notes,
         findings=tuple(plausibility.at_end()) if plausibility is not None else (),
         nonfinite=tuple(nonfinite),
-        all_zero=not nonzero[0] and not done,
+        all_zero=bool(plan.jobs) and not done and len(zero_tensors) == len(plan.jobs),
         left_behind=tuple(files.left_behind(other.directory)),
     )
 
