@@ -29,16 +29,18 @@ def assert_one_line_refusal(result, status: int, message: str) -> None:
     assert message in result.output, result.output
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def workdir(tmp_path, monkeypatch):
-    """A current directory holding a file of the user's, which no run may touch."""
+    """Every case runs in a current directory holding the user's files, which must be byte-for-byte unchanged after."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     (cwd / "notes.txt").write_text("the user's own file")
     (cwd / "sub").mkdir()
     (cwd / "sub" / "more.txt").write_text("also the user's")
     monkeypatch.chdir(cwd)
-    return cwd
+    before = snapshot(cwd)
+    yield cwd
+    assert snapshot(cwd) == before and sorted(os.listdir(cwd)) == ["notes.txt", "sub"], "the current directory changed"
 
 
 # --- destroys data: an empty path, --overwrite of what is not ours ------------------------------------------------
