@@ -1034,3 +1034,15 @@ def test_a_shard_size_below_a_byte_or_not_a_size_is_refused(pair, made_diff, tmp
     result = recover_cli(raw, made_diff, tmp_path / "out", "--max-shard-size", size)
     assert_one_line_refusal(result, 2, "--max-shard-size")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pre_2020_bin_too_large_to_hold_in_memory_is_refused(tmp_path, monkeypatch):
+    import io
+
+    from weight_diff import checkpoint
+
+    buffer = io.BytesIO()
+    torch.save({"model.norm.weight": torch.ones(64)}, buffer, _use_new_zipfile_serialization=False)
+    (tmp_path / "pytorch_model.bin").write_bytes(buffer.getvalue())
+    monkeypatch.setattr(checkpoint, "LEGACY_LIMIT", 100)  # stands for 4 GiB: the file is loaded whole
+    assert_one_line_refusal(run("inspect", tmp_path, "--no-hash"), 1, "would be loaded whole into memory")
