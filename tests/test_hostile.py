@@ -1046,3 +1046,31 @@ def test_a_pre_2020_bin_too_large_to_hold_in_memory_is_refused(tmp_path, monkeyp
     (tmp_path / "pytorch_model.bin").write_bytes(buffer.getvalue())
     monkeypatch.setattr(checkpoint, "LEGACY_LIMIT", 100)  # stands for 4 GiB: the file is loaded whole
     assert_one_line_refusal(run("inspect", tmp_path, "--no-hash"), 1, "would be loaded whole into memory")
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("tokenizer.json", NESTED.encode()),
+        ("tokenizer.json", b'{"version": "\xff"}'),
+        ("tokenizer.json", b'{"version": 1e999}'),
+        ("tokenizer.model", bytes(range(256)) * 2),
+        ("special_tokens_map.json", NESTED.encode()),
+        ("tokenizer_config.json", b'{"\xff": 1}'),
+        ("added_tokens.json", b"[1, 2]"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_a_damaged_tokenizer_file_without_checksums_is_one_clear_line(
+    pair, made_diff, copy_dir, tmp_path, name, content
+):
+    raw, _ = pair
+    diff = copy_dir(made_diff)
+    (diff / "SHA256SUMS").unlink()
+    _edit_json(diff / "weight-diff-manifest.json", _manifest_edit(lambda body: body.pop("files")))
+    (diff / name).write_bytes(content)
+    before = snapshot(diff)
+    assert_one_line_refusal(recover_cli(raw, diff, tmp_path / "out"), 1, name)
+    assert snapshot(diff) == before and not (tmp_path / "out").exists()
+    inspected = run("inspect", diff, "--no-hash")
+    assert "unexpected" not in inspected.output and "Traceback" not in inspected.output

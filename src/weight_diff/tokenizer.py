@@ -492,7 +492,13 @@ class Agreement:
 def compare(directory: Path, *, model: SentencePieceModel | None = None) -> Agreement:
     """Return how the directory's ``tokenizer.json`` compares with its ``tokenizer.model`` on plain-text probes."""
     model = model or SentencePieceModel.load(directory / TOKENIZER_MODEL)
-    fast = _fast((directory / TOKENIZER_JSON).read_text(), str(directory / TOKENIZER_JSON))
+    json_path = directory / TOKENIZER_JSON
+    data = read_small(json_path, limit=SMALL_FILE_LIMIT, what="tokenizer file", error=TokenizerError)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{json_path}: not UTF-8 text, so not a tokenizer.json; download it again") from None
+    fast = _fast(text, str(json_path))
     added = [token.content for token in fast.get_added_tokens_decoder().values()] if _has_decoder(fast) else []
     plain = [probe for probe in PROBES if not any(token in probe for token in added)]
     for probe in plain:
