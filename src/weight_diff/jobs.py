@@ -125,8 +125,10 @@ def recover(
                 raise UsageError(f"{diff_dir}: a compact weight-diff diff, not a {rule.name} diff; omit --family")
             raw_dir = hub.input_dir(path_raw, transfer)
             diff_dir = hub.input_dir(path_diff, transfer, every_file=True)
+            manifest = Manifest.load(diff_dir)
+            _check_promised(diff_dir, expected_file_sums(diff_dir, manifest))
             report = _recover_compact(
-                raw_dir, diff_dir, out, Manifest.load(diff_dir), dtype=dtype, max_shard_size=max_shard_size,
+                raw_dir, diff_dir, out, manifest, dtype=dtype, max_shard_size=max_shard_size,
                 overwrite=overwrite, resume=resume, chat_template=chat_template, progress=progress, on_plan=on_plan,
                 verify_md5=verify_md5,
             )  # fmt: skip
@@ -477,7 +479,6 @@ def _run(
     if on_plan is not None:
         on_plan(plan)
     if stream is not None:
-        nonzero[0] = True  # the compact stream reports no values
         stream(done, on_shard)
     else:
         pipeline = Pipeline(
@@ -692,7 +693,7 @@ def _make_compact(
     def on_tensor(job: compact.CompactJob, record: TensorRecord) -> None:
         records[job.name] = record
 
-    def manifest_bytes() -> bytes:
+    def manifest_bytes(written: dict[str, bytes]) -> bytes:
         added = [job for job in plan.jobs if job.raw is not None and job.raw_rows != job.rows]
         rules = {
             "diff_format": "compact",
@@ -703,7 +704,8 @@ def _make_compact(
             "tuned_vocab_size": added[0].rows if added else None,
         }
         tensors = {job.name: records[job.name] for job in plan.jobs}
-        return Manifest(rules=rules, tool=_tool_versions(), tensors=tensors).to_json().encode()
+        sums = {name: _sha256(data) for name, data in written.items()}
+        return Manifest(rules=rules, tool=_tool_versions(), tensors=tensors, files=sums).to_json().encode()
 
     def stream(skip: frozenset[str], on_shard: Callable[[str, str], None]) -> None:
         runner = compact.CompactStream(plan, raw, out, progress=progress or (lambda nbytes: None))
@@ -764,7 +766,7 @@ def _recover_compact(
             "recover", plan, raw, raw, out, hashing=Hashing(), on_tensor=on_tensor,
             config=tokens.config_with_pad(files.config_with_dtype(files.read_config(diff_dir), plan.dtype)),
             companions=files.companion_files(diff_dir), tokens=tokens,
-            extra_files={RECOVERY_NAME: lambda: _recovery_record(diff_dir, manifest, plan, ours, [])},
+            extra_files={RECOVERY_NAME: lambda written: _recovery_record(diff_dir, manifest, plan, ours, [])},
             chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress, on_plan=on_plan,
             has_manifest=manifest is not None, stream=stream,
         )  # fmt: skip

@@ -121,14 +121,17 @@ class Manifest:
 
 
 def is_tensor_record(record: object) -> bool:
-    """Return whether a JSON value has the shape of a manifest's tensor entry (three digests)."""
-    if not isinstance(record, dict) or set(record) != {"raw", "diff", "result"}:
+    """Return whether a JSON value has the shape of a manifest's tensor entry: a result digest, and raw and diff
+    digests or null (a compact diff stores no diff, and no raw hash for rows it added)."""
+    if not isinstance(record, dict) or set(record) != {"raw", "diff", "result"} or record["result"] is None:
         return False
-    for digest in record.values():
+    for part, digest in record.items():
+        if digest is None:
+            continue
         if not isinstance(digest, dict) or set(digest) != {"dtype", "shape", "sha256"}:
             return False
-        shape = digest["shape"]
-        if not isinstance(digest["dtype"], str) or not _is_sha256(digest["sha256"]):
+        shape, sha = digest["shape"], digest["sha256"]
+        if not isinstance(digest["dtype"], str) or not (_is_sha256(sha) or (sha is None and part == "raw")):
             return False
         if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
             return False

@@ -28,7 +28,7 @@ JOURNAL_NAME = ".weight-diff-progress.json"
 SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
 # What a run of ours may leave in its output besides the files its SHA256SUMS lists: --overwrite removes only these.
 OUR_NAMES = {JOURNAL_NAME, SUMS_NAME, CONFIG_NAME, RECOVERY_NAME, MANIFEST_NAME, "model.safetensors.index.json"}
-OUR_SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+OUR_SHARD = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|diff(-\d{5}-of-\d{5})?\.wdc)$")  # .wdc: compact
 # Any one of these marks a weight-diff output (finished: recovery record or manifest; unfinished: the journal).
 OUR_MARKERS = (JOURNAL_NAME, RECOVERY_NAME, MANIFEST_NAME)
 
