@@ -177,7 +177,7 @@ def recover(
                 if digests.sum is not None:
                     sums[job.name] = digests.sum
 
-            def recovery_record() -> bytes:
+            def recovery_record(written: dict[str, bytes]) -> bytes:
                 if expected is not None:
                     checks.append(_check_family_sum(rule, expected, sums, plan, raw, config))
                 origin = diff.origin if isinstance(diff, hub_diff.HubCheckpoint) else None
@@ -364,11 +364,12 @@ def make_diff(
                 if rule is None:
                     records[job.name] = TensorRecord(raw=digests.raw, diff=digests.diff, result=digests.result)
 
-            def manifest_bytes() -> bytes:
+            def manifest_bytes(written: dict[str, bytes]) -> bytes:
                 manifest = Manifest(
                     rules=_rules(plan),
                     tool=_tool_versions(),
                     tensors={job.name: records[job.name] for job in plan.jobs},
+                    files={name: _sha256(data) for name, data in written.items()},
                 )
                 return manifest.to_json().encode()
 
