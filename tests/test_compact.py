@@ -230,3 +230,16 @@ def test_a_family_rule_is_refused_for_a_compact_diff(compact_pairs, tmp_path):
     recovered = run("recover", "--family", "alpaca", "--path_raw", raw, "--path_diff", diff, "--path_tuned",
                     tmp_path / "o", "--quiet")  # fmt: skip
     assert recovered.exit_code == 2 and "omit --family" in recovered.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("pair", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)], ids=str)
+def test_the_raw_is_cast_as_torch_casts_directly_for_every_value(pair):
+    """The codec's fast cast (through float32) must give the direct cast's bits, or old diffs stop decoding."""
+    source, target = pair
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(source)
+    finite = every[torch.isfinite(every)]
+    for values in (finite, every, every[~torch.isfinite(every)]):
+        expected = torch.empty(values.shape, dtype=target)
+        expected.copy_(values)  # torch's direct cast, the format's definition
+        got = codec.cast_to(values, target, codec._Scratch())
+        assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
