@@ -210,6 +210,10 @@ def test_bytes_are_grouped_by_significance_highest_first():
     assert grouped.tolist() == [0x12, 0xAB, 0x34, 0xCD]
     back = codec.ungroup_bytes(grouped, torch.empty(2, dtype=torch.int16))
     assert torch.equal(back, values)
+    wide = torch.tensor([0x12345678, 0x0A0B0C0D], dtype=torch.int32)
+    grouped = codec.group_bytes(wide, torch.empty(8, dtype=torch.uint8))
+    assert grouped.tolist() == [0x12, 0x0A, 0x34, 0x0B, 0x56, 0x0C, 0x78, 0x0D]
+    assert torch.equal(codec.ungroup_bytes(grouped, torch.empty(2, dtype=torch.int32)), wide)
 
 
 def test_inspect_reports_a_compact_diff_and_the_base_it_expects(compact_pairs):

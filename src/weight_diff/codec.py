@@ -21,7 +21,6 @@ import zstandard
 
 # The integer view of each float dtype the codec reads: XOR works on the stored bits.
 BITS_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_UNSIGNED = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 DEFAULT_LEVEL = 1  # measured: the same size as levels 3 and 6 on fine-tune residuals, and the fastest (README)
 
 
@@ -87,11 +86,16 @@ def ungroup_bytes(grouped: torch.Tensor, out_bits: torch.Tensor) -> torch.Tensor
     """Return ``out_bits`` filled from bytes grouped by :func:`group_bytes` (the inverse)."""
     width = out_bits.dtype.itemsize
     planes = grouped.numpy().reshape(width, -1)
-    values = out_bits.reshape(-1).numpy().view(_UNSIGNED[width])
+    if width > 2:  # strided byte copies: 3x the shifts at 4 bytes a value (measured 3.2 against 1.1 GB/s)
+        columns = out_bits.reshape(-1).numpy().view(np.uint8).reshape(-1, width)
+        for plane in range(width):
+            np.copyto(columns[:, width - 1 - plane], planes[plane])
+        return out_bits
+    values = out_bits.reshape(-1).numpy().view(np.uint16)
     np.copyto(values, planes[0])
-    for plane in range(1, width):  # shift in the next byte: faster than strided byte copies
-        np.left_shift(values, 8, out=values)
-        np.bitwise_or(values, planes[plane], out=values)
+    # Shift in the low byte: 2x strided byte copies at 2 bytes a value (measured 6.0 against 3.2 GB/s).
+    np.left_shift(values, 8, out=values)
+    np.bitwise_or(values, planes[1], out=values)
     return out_bits
 
 
