@@ -174,12 +174,13 @@ class _Buffers:
 
     raw: torch.Tensor
     other: torch.Tensor
+    payload: torch.Tensor  # recover's compressed block; its pages are touched (and counted) only there
     pending: list[Future] = field(default_factory=list)
 
     @classmethod
     def allocate(cls, elements: int) -> _Buffers:
         nbytes = elements * 8 + 2 * DIRECT_ALIGN  # page-aligned with slack each side, for O_DIRECT reads
-        return cls(raw=aligned_bytes(nbytes), other=aligned_bytes(nbytes))
+        return cls(raw=aligned_bytes(nbytes), other=aligned_bytes(nbytes), payload=aligned_bytes(nbytes))
 
     def wait(self) -> None:
         """Block until no lane uses these buffers, re-raising the first failure."""
@@ -261,7 +262,8 @@ class CompactStream:
             entry = block.job.source
             if entry.file not in readers:
                 readers[entry.file] = ContainerReader(entry.file)
-            return self._read_raw(block, buffers), readers[entry.file].read_block(entry.blocks[block.index])
+            payload = readers[entry.file].read_block(entry.blocks[block.index], out=buffers.payload)
+            return self._read_raw(block, buffers), payload
 
         def work(block: _Block, buffers: _Buffers, rows) -> torch.Tensor:
             raw, payload = rows
