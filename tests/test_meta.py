@@ -236,3 +236,54 @@ def test_cli_recovers_from_meta_and_names_errors_in_one_line(meta_dirs, made_dif
     skipped = cli("--path_raw", meta_dirs[1], "--path_diff", made_diff, "--path_tuned", tmp_path / "c", "--no-md5")
     assert skipped.exit_code == 0, skipped.output
     assert "md5" not in skipped.stderr
+
+
+def _edit_shard(size_dir: Path, change) -> None:
+    """Rewrite consolidated.00.pth with ``change`` applied to its tensors, dropping the checklist that would say so."""
+    shard = size_dir / "consolidated.00.pth"
+    state = torch.load(shard, weights_only=True)
+    change(state)
+    torch.save(state, shard)
+    (size_dir / "checklist.chk").unlink()
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [("layers.0.feed_forward.w3.weight", (0, 2**62)), ("layers.1.attention_norm.weight", (0,))],
+    ids=str,
+)
+@pytest.mark.parametrize("command", ["recover", "inspect"])
+def test_a_zero_size_tensor_in_a_meta_shard_is_refused_in_one_line(
+    meta_dirs, made_diff, tmp_path, name, shape, command
+):
+    size_dir = meta_copy(meta_dirs[1], tmp_path)
+    _edit_shard(size_dir, lambda state: state.update({name: torch.empty(shape, dtype=torch.float16)}))
+    before = snapshot(size_dir)
+    out = tmp_path / "out"
+    args = (
+        ["inspect", size_dir, "--no-hash"]
+        if command == "inspect"
+        else ["recover", "--path_raw", size_dir, "--path_diff", made_diff, "--path_tuned", out, "--quiet"]
+    )
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert "consolidated.00.pth: tensor" in result.output and "has no values" in result.output, result.output
+    assert snapshot(size_dir) == before and not out.exists()
+
+
+def test_a_tensor_twice_in_a_meta_shard_is_refused_in_one_line(meta_dirs, made_diff, tmp_path):
+    """layers.00 is layers.0 spelled again: two tensors for one weight, and no way to say which is meant."""
+    size_dir = meta_copy(meta_dirs[1], tmp_path)
+    _edit_shard(
+        size_dir,
+        lambda state: state.update({"layers.00.attention.wq.weight": state["layers.0.attention.wq.weight"] + 1}),
+    )
+    before = snapshot(size_dir)
+    out = tmp_path / "out"
+    args = ["recover", "--path_raw", size_dir, "--path_diff", made_diff, "--path_tuned", out, "--quiet"]
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert "tensor model.layers.0.self_attn.q_proj.weight is in both" in result.output, result.output
+    assert snapshot(size_dir) == before and not out.exists()

@@ -21,6 +21,7 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -201,10 +202,7 @@ class Checkpoint:
                 if listed is not None and directory / listed != path:
                     continue  # the index says where this tensor lives; a copy elsewhere is not it
                 if info.name in tensors:
-                    raise CheckpointError(
-                        f"{directory}: tensor {info.name} is in both {tensors[info.name].file.name} and "
-                        f"{path.name}, and no index says which is meant; download the checkpoint again"
-                    )
+                    raise tensor_twice(directory, info.name, tensors[info.name].file.name, path.name)
                 tensors[info.name] = info
                 if info.name in kept:
                     torch_tensors[info.name] = kept[info.name]
@@ -218,12 +216,7 @@ class Checkpoint:
                 )
         if not tensors:
             raise CheckpointError(f"{directory}: the weight files hold no tensors")
-        empty = next((info for info in tensors.values() if info.numel == 0), None)
-        if empty is not None:  # a [0, 2**62] tensor costs no bytes on disk but would be streamed row by row
-            raise CheckpointError(
-                f"{empty.file}: tensor {empty.name} has no values (shape {list(empty.shape)}); model weights never "
-                "do: the file is damaged or not a model"
-            )
+        refuse_empty(tensors.values())
         return cls(directory=directory, layout=layout, tensors=tensors, files=files, _torch_tensors=torch_tensors)
 
     def read_rows(self, info: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -314,6 +307,24 @@ class Checkpoint:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def tensor_twice(directory: Path, name: str, first: str, second: str) -> CheckpointError:
+    """The refusal of a tensor table naming ``name`` twice (``first`` and ``second`` say where): which is meant?"""
+    return CheckpointError(
+        f"{directory}: tensor {name} is in both {first} and {second}, and no index says which is meant; "
+        "download the checkpoint again"
+    )
+
+
+def refuse_empty(tensors: Iterable[TensorInfo]) -> None:
+    """Refuse a tensor with no values: a [0, 2**62] tensor costs no bytes on disk but would be streamed row by row."""
+    empty = next((info for info in tensors if info.numel == 0), None)
+    if empty is not None:
+        raise CheckpointError(
+            f"{empty.file}: tensor {empty.name} has no values (shape {list(empty.shape)}); model weights never "
+            "do: the file is damaged or not a model"
+        )
 
 
 def read_safetensors_header(path: Path) -> list[TensorInfo]:

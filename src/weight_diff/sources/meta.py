@@ -33,7 +33,15 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import DIRECT_ALIGN, Checkpoint, TensorInfo, aligned_bytes, read_bin_header
+from ..checkpoint import (
+    DIRECT_ALIGN,
+    Checkpoint,
+    TensorInfo,
+    aligned_bytes,
+    read_bin_header,
+    refuse_empty,
+    tensor_twice,
+)
 from ..errors import CheckpointError, PlanError
 from ..files import CONFIG_NAME, read_json_object
 from ..manifest import file_digest
@@ -376,6 +384,7 @@ def _read_shard(path: Path) -> dict[str, TensorInfo]:
                 f"{path}: tensor {info.name} is not stored as a plain array; not a checkpoint as Meta released it"
             )
         table[info.name] = info
+    refuse_empty(table.values())
     return table
 
 
@@ -385,7 +394,7 @@ def _hf_rule(meta_name: str) -> tuple[str, int | None, bool] | None:
     match = _LAYER_NAME.match(meta_name)
     if match and match.group(2) in _LAYER_RULES:
         name, dim, rotary = _LAYER_RULES[match.group(2)]
-        return f"model.layers.{match.group(1)}.{name}", dim, rotary
+        return f"model.layers.{int(match.group(1))}.{name}", dim, rotary  # layers.00 is layers.0
     return None
 
 
@@ -437,11 +446,15 @@ def _assemble(
     scratch = _Scratch()
     head_rows = params.dim // params.n_heads
     tensors: dict[str, TensorInfo] = {}
+    meta_names: dict[str, str] = {}
     for meta_name, info in _hf_order(first):
         rule = _hf_rule(meta_name)
         if rule is None:
             raise CheckpointError(f"{shards[0]}: unexpected tensor {meta_name}; not a LLaMA checkpoint")
         name, dim, rotary = rule
+        if name in tensors:
+            raise tensor_twice(directory, name, f"{shards[0].name}'s {meta_names[name]}", meta_name)
+        meta_names[name] = meta_name
         parts = tuple(table[meta_name] for table in pieces) if dim is not None else (info,)
         shape = list(info.shape)
         if dim is not None:
