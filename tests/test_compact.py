@@ -1,6 +1,7 @@
 """Compact diffs: the tuned model back bit for bit in its own dtype, damaged blocks named, verify, resume."""
 
 import json
+import shutil
 import struct
 
 import pytest
@@ -247,3 +248,30 @@ def test_the_raw_is_cast_as_torch_casts_directly_for_every_value(pair):
         expected.copy_(values)  # torch's direct cast, the format's definition
         got = codec.cast_to(values, target, codec._Scratch())
         assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+
+
+def test_nan_and_inf_are_warned_by_compact_make_diff_and_recover_as_by_the_float32_path(build_pair, tmp_path):
+    from conftest import load_tensors
+    from weight_diff.tiny_llama import save_checkpoint
+
+    raw, tuned = build_pair(tuned_dtype=torch.float16)
+    state = load_tensors(tuned)
+    state["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("-inf")
+    state["model.embed_tokens.weight"][-1, 2] = float("inf")  # an added vocabulary row: stored as it is
+    bad = tmp_path / "tuned"
+    shutil.copytree(tuned, bad)
+    save_checkpoint(state, bad, fmt="safetensors")
+    made = run("make-diff", "--format", "compact", "--path_raw", raw, "--path_tuned", bad, "--path_diff",
+               tmp_path / "diff", "--quiet")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert "warning: 3 tensors hold NaN or Inf values (first: model.embed_tokens.weight)" in made.output
+    recovered = run("recover", "--path_raw", raw, "--path_diff", tmp_path / "diff", "--path_tuned", tmp_path / "out",
+                    "--quiet")  # fmt: skip
+    assert recovered.exit_code == 0, recovered.output
+    assert "warning: 3 tensors hold NaN or Inf values (first: model.embed_tokens.weight)" in recovered.output
+    assert "verified: 21 tensors match the publisher's manifest, NaN/Inf values included" in recovered.output
+    assert_bit_identical(plain_tensors(tmp_path / "out"), plain_tensors(bad))
+    finite = run("make-diff", "--format", "compact", "--path_raw", raw, "--path_tuned", tuned, "--path_diff",
+                 tmp_path / "d2", "--quiet")  # fmt: skip
+    assert finite.exit_code == 0 and "warning" not in finite.output, finite.output

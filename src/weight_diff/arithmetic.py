@@ -7,9 +7,19 @@ float32, so it does not depend on how the rows were blocked.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+
+
+def finite_range(values: torch.Tensor) -> tuple[float, float] | None:
+    """Return a block's lowest and highest value, None when it holds NaN or Inf (what a run warns about).
+
+    One ``aminmax`` pass: NaN and Inf reach the min or the max.
+    """
+    low, high = (float(v) for v in torch.aminmax(values))
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
 class RowMean:

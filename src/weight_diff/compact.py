@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .arithmetic import finite_range
 from .checkpoint import DIRECT_ALIGN, FLOAT_DTYPES, Checkpoint, TensorInfo, aligned_bytes
 from .codec import DEFAULT_LEVEL, BlockDecoder, BlockEncoder, BlockError
 from .container import SUFFIX, CompactTensor, ContainerReader, ContainerWriter, compact_files
@@ -189,6 +190,11 @@ class _Buffers:
             future.result()
 
 
+def _nonfinite(values: torch.Tensor) -> bool:
+    """Whether a block of tuned values holds NaN or Inf, found as the float32 path finds it (on a codec lane)."""
+    return values.is_floating_point() and finite_range(values) is None
+
+
 def _record(job: CompactJob, result: hashlib._Hash) -> TensorRecord:
     """Return a tensor's manifest record: the tuned tensor's hash in its own dtype, and the raw's dtype and shape.
 
@@ -202,8 +208,8 @@ def _record(job: CompactJob, result: hashlib._Hash) -> TensorRecord:
 
 class CompactStream:
     """Runs a compact plan's files: ``encode`` (make-diff) writes ``.wdc`` files, ``decode`` (recover) writes
-    safetensors shards. Either calls ``on_tensor(job, record)`` after each tensor and ``on_shard(name, sha256)``
-    once a file is on disk under its name.
+    safetensors shards. Either calls ``on_tensor(job, record, nonfinite)`` after each tensor (``nonfinite``: its
+    values hold NaN or Inf) and ``on_shard(name, sha256)`` once a file is on disk under its name.
 
     Lanes: one thread reads blocks ahead (the disk is one device), ``WORKERS`` threads encode or decode them, the
     calling thread hashes tuned values in order, and one thread writes (and, for recover, hashes the file).
@@ -223,9 +229,9 @@ class CompactStream:
             raw = self._read_raw(block, buffers)
             return raw, tuned.read_rows(block.job.source, block.start, block.stop, out=buffers.other)
 
-        def work(block: _Block, buffers: _Buffers, rows) -> tuple[torch.Tensor, bytes]:
+        def work(block: _Block, buffers: _Buffers, rows) -> tuple[torch.Tensor, bytes, bool]:
             raw, values = rows
-            return values, self._codec(BlockEncoder).encode(values, raw)
+            return values, self._codec(BlockEncoder).encode(values, raw), _nonfinite(values)
 
         with self._lanes() as lanes:
             for shard in self.plan.shards:
@@ -234,19 +240,20 @@ class CompactStream:
                     continue
                 writer = ContainerWriter(self.out_dir, shard.file_name, CODEC)
                 try:
-                    result = hashlib.sha256()
-                    for block, buffers, (values, payload) in self._in_order(lanes, read, work, _blocks(shard)):
+                    result, nonfinite = hashlib.sha256(), False
+                    for block, buffers, (values, payload, odd) in self._in_order(lanes, read, work, _blocks(shard)):
                         job = block.job
                         if block.index == 0:
-                            result = hashlib.sha256()
+                            result, nonfinite = hashlib.sha256(), False
                             buffers.pending.append(lanes.write.submit(
                                 writer.begin_tensor, job.name, job.out_dtype, job.out_shape,
                                 job.raw and job.raw.dtype, job.raw_rows))  # fmt: skip
                         result.update(tensor_bytes(values))
+                        nonfinite = nonfinite or odd
                         buffers.pending.append(lanes.write.submit(writer.add_block, block.start, block.stop, payload))
                         self.progress(block.numel * job.out_dtype.itemsize)
                         if block.stop == job.rows:
-                            on_tensor(job, _record(job, result))
+                            on_tensor(job, _record(job, result), nonfinite)
                     lanes.write.submit(writer.finish).result()
                 except BaseException:
                     self._drain()
@@ -265,13 +272,13 @@ class CompactStream:
             payload = readers[entry.file].read_block(entry.blocks[block.index], out=buffers.payload)
             return self._read_raw(block, buffers), payload
 
-        def work(block: _Block, buffers: _Buffers, rows) -> torch.Tensor:
+        def work(block: _Block, buffers: _Buffers, rows) -> tuple[torch.Tensor, bool]:
             raw, payload = rows
             entry = block.job.source
             count = block.numel * block.job.out_dtype.itemsize
             out = buffers.other[:count].view(block.job.out_dtype).view(block.shape)
             try:
-                return self._codec(BlockDecoder).decode(payload, raw, out)
+                values = self._codec(BlockDecoder).decode(payload, raw, out)
             except BlockError as exc:
                 stored = entry.blocks[block.index]
                 raise IntegrityError(
@@ -279,6 +286,7 @@ class CompactStream:
                     f"{stored.size} bytes at offset {stored.offset}) is damaged ({exc}); download "
                     f"{entry.file.name} again. No model was written"
                 ) from None
+            return values, _nonfinite(values)
 
         try:
             with self._lanes() as lanes:
@@ -300,16 +308,17 @@ class CompactStream:
             writer.write(data)
 
         try:
-            result = hashlib.sha256()
-            for block, buffers, values in self._in_order(lanes, read, work, _stored_blocks(shard)):
+            result, nonfinite = hashlib.sha256(), False
+            for block, buffers, (values, odd) in self._in_order(lanes, read, work, _stored_blocks(shard)):
                 if block.index == 0:
-                    result = hashlib.sha256()
+                    result, nonfinite = hashlib.sha256(), False
                 data = tensor_bytes(values)
                 result.update(data)
+                nonfinite = nonfinite or odd
                 buffers.pending.append(lanes.write.submit(write, data))
                 self.progress(len(data))
                 if block.stop == block.job.rows:
-                    on_tensor(block.job, _record(block.job, result))
+                    on_tensor(block.job, _record(block.job, result), nonfinite)
             lanes.write.submit(writer.finish).result()
         except BaseException:
             self._drain()

@@ -690,9 +690,12 @@ def _make_compact(
     """Write the compact diff of ``tuned`` against ``raw``; its manifest pins every tuned tensor in its own dtype."""
     plan = compact.plan_make(raw.tensors, tuned.tensors, max_shard_size=max_shard_size)
     records: dict[str, TensorRecord] = {}
+    nonfinite: list[str] = []
 
-    def on_tensor(job: compact.CompactJob, record: TensorRecord) -> None:
+    def on_tensor(job: compact.CompactJob, record: TensorRecord, odd: bool) -> None:
         records[job.name] = record
+        if odd:
+            nonfinite.append(job.name)
 
     def manifest_bytes(written: dict[str, bytes]) -> bytes:
         added = [job for job in plan.jobs if job.raw is not None and job.raw_rows != job.rows]
@@ -720,7 +723,8 @@ def _make_compact(
         chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress, on_plan=on_plan,
         has_manifest=True, records=records, stream=stream,
     )  # fmt: skip
-    return replace(report, bytes_written=sum((out / shard.file_name).stat().st_size for shard in plan.shards))
+    written = sum((out / shard.file_name).stat().st_size for shard in plan.shards)
+    return replace(report, bytes_written=written, nonfinite=tuple(nonfinite))
 
 
 def _recover_compact(
@@ -740,7 +744,11 @@ def _recover_compact(
         if manifest is not None:
             _check_compact_covers(manifest, plan)
 
-        def on_tensor(job: compact.CompactJob, record: TensorRecord) -> None:
+        nonfinite: list[str] = []
+
+        def on_tensor(job: compact.CompactJob, record: TensorRecord, odd: bool) -> None:
+            if odd:
+                nonfinite.append(job.name)
             if manifest is None:
                 return
             expected = manifest.tensors[job.name]
@@ -771,7 +779,9 @@ def _recover_compact(
             chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress, on_plan=on_plan,
             has_manifest=manifest is not None, stream=stream,
         )  # fmt: skip
-        return replace(report, family="weight-diff compact", family_reason="its weights are .wdc files")
+        return replace(
+            report, family="weight-diff compact", family_reason="its weights are .wdc files", nonfinite=tuple(nonfinite)
+        )
 
 
 def _check_compact_covers(manifest: Manifest, plan: Plan) -> None:

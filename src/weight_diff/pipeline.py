@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -385,14 +384,15 @@ def _as(buffer: torch.Tensor, dtype: torch.dtype, count: int, shape: tuple[int, 
 def _look_at_values(hashes: _TensorHashes, values: torch.Tensor, cast: torch.Tensor | None) -> None:
     """Note NaN/Inf and non-zero values of a block, and refuse a cast that turns finite values into Inf.
 
-    One ``aminmax`` pass (NaN and Inf reach the min or max), on the result lane, beside the hashing.
+    On the result lane, beside the hashing.
     """
-    low, high = (float(v) for v in torch.aminmax(values))
-    if not (math.isfinite(low) and math.isfinite(high)):
+    finite = arithmetic.finite_range(values)
+    if finite is None:
         hashes.nonfinite = hashes.nonzero = True
         return
+    low, high = finite
     hashes.nonzero = hashes.nonzero or low != 0 or high != 0
-    if cast is not None and not all(math.isfinite(float(v)) for v in torch.aminmax(cast)):
+    if cast is not None and arithmetic.finite_range(cast) is None:
         name = dtype_name(cast.dtype)
         raise UsageError(
             f"tensor {hashes.job.name}: values up to {max(abs(low), abs(high)):.3g} exceed {name}'s range and would "

@@ -9,6 +9,8 @@
 The result is only right when the raw files are byte-identical to the ones the publisher converted (same
 transformers conversion, same shards): every output file's MD5 and SHA-256 are checked against the checksum list
 the payload carries, when it carries one, and a mismatch says whether the raw file or the payload is to blame.
+No tensor value is read, so NaN or Inf in the result is not warned about (unlike recover's other paths): the bytes
+are the publisher's, and looking would be a second pass over the written model.
 
 >>> plan = plan_xor(Path("oasst-sft-6-llama-30b-xor"), Path("llama30b_hf"))
 >>> report = apply_xor(plan, Path("oasst-sft-6-llama-30b"))
