@@ -8,7 +8,9 @@ from click.testing import CliRunner
 
 from conftest import load_tensors, snapshot
 from weight_diff.checks import (
+    CONFIG,
     PASS,
+    PRECISION,
     REFUSE,
     WARN,
     Evidence,
@@ -208,3 +210,61 @@ def test_make_diff_warns_when_tuned_is_not_a_fine_tune_of_raw(pair, build_pair, 
     assert [f.check for f in warned if f.severity == WARN] == ["magnitudes"]
     assert "the tuned model is not a fine-tune of this raw model" in warned[-1].message
     assert [f.severity for f in report.findings if f.check == "magnitudes"] == [WARN]
+
+
+# --- the compact path: the checks that apply to it, with the same --ignore-checks ---------------------------------
+
+
+def make_cli(*args):
+    return CliRunner().invoke(main, ["make-diff", "--format", "compact", *map(str, args), "--quiet"])
+
+
+def test_compact_make_diff_refuses_a_base_rounded_through_bfloat16_before_any_write(pair, copy_dir, tmp_path):
+    raw = _raw_variant(copy_dir, pair[0], "rounded", through_bfloat16)
+    out = tmp_path / "diff"
+    result = make_cli("--path_raw", raw, "--path_tuned", pair[1], "--path_diff", out)
+    assert result.exit_code == 1 and not out.exists(), result.output
+    assert result.output.startswith("error: refused: precision: 100.0% of ")
+    assert "--ignore-checks" in result.output
+    result = make_cli("--path_raw", raw, "--path_tuned", pair[1], "--path_diff", out, "--ignore-checks")
+    assert result.exit_code == 0, result.output
+    assert "warning: precision: 100.0%" in result.output
+
+
+def test_compact_make_diff_refuses_a_llama2_config_and_warns_on_another_model(pair, build_pair, copy_dir, tmp_path):
+    raw = copy_dir(pair[0], "llama2")
+    body = json.loads((raw / "config.json").read_text())
+    (raw / "config.json").write_text(json.dumps(body | {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}))
+    result = make_cli("--path_raw", raw, "--path_tuned", pair[1], "--path_diff", tmp_path / "diff")
+    assert result.exit_code == 1 and not (tmp_path / "diff").exists(), result.output
+    assert "error: refused: config: raw's config.json says rms_norm_eps 1e-05, max_position_embeddings 4096" in (
+        result.output
+    )
+    other_raw, _ = build_pair(seed=7)
+    warned = []
+    report = make_diff(other_raw, pair[1], tmp_path / "d2", diff_format="compact", on_finding=warned.append)
+    assert [f.check for f in warned if f.severity == WARN] == ["magnitudes"]
+    assert [f.severity for f in report.findings if f.check == "magnitudes"] == [WARN]
+
+
+def test_compact_recover_runs_the_config_and_precision_checks(pair, copy_dir, tmp_path):
+    diff = tmp_path / "diff"
+    make_diff(pair[0], pair[1], diff, diff_format="compact")
+    report = recover(pair[0], diff, tmp_path / "right")
+    assert report.verified and [(f.check, f.severity) for f in report.findings] == [(CONFIG, PASS), (PRECISION, PASS)]
+    assert "genuine float16" in report.findings[1].message
+    raw = copy_dir(pair[0], "llama2")
+    body = json.loads((raw / "config.json").read_text())
+    (raw / "config.json").write_text(json.dumps(body | {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}))
+    warned = []
+    report = recover(raw, diff, tmp_path / "out", on_finding=warned.append)  # the manifest decides: not refused
+    assert report.verified and [f.check for f in warned if f.severity != PASS] == [CONFIG]
+    assert "config: raw's config.json says rms_norm_eps 1e-05" in warned[0].message
+    (diff / "weight-diff-manifest.json").unlink()  # without a manifest, the checks refuse as for a float32 diff
+    sums = [line for line in (diff / "SHA256SUMS").read_text().splitlines() if "manifest" not in line]
+    (diff / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    with pytest.raises(PlausibilityError, match="config: raw's config.json says rms_norm_eps 1e-05"):
+        recover(raw, diff, tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
+    report = recover(raw, diff, tmp_path / "o3", ignore_checks=True)
+    assert not report.verified and [f.severity for f in report.findings if f.check == CONFIG] == [WARN]

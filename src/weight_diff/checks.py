@@ -47,6 +47,8 @@ COARSE_SHARE = 0.9  # a half-precision fine-tune's diff: 99-100% (measured); a f
 DIFF_RATIO_LIMIT = 0.5  # rms(diff) / rms(raw): fine-tunes stay far below, a diff against another model is ~1.4
 QUALITY_RATIO_LIMIT = 2.0  # perplexity of the recovered model against the raw model's
 FORCE_HINT = "--ignore-checks goes on anyway"
+ALL_CHECKS = (CONFIG, PRECISION, GRID, MAGNITUDES)
+RAW_CHECKS = (CONFIG, PRECISION)  # need no diff values: what applies to a compact diff, whose blocks are XORed bits
 
 # The keys that say which model a config describes; a fine-tune does not change them.
 _IDENTITY_KEYS = (
@@ -102,14 +104,8 @@ class Evidence:
 
     def observe(self, name: str, raw: torch.Tensor, other: torch.Tensor, limit: int = SLICE_ELEMENTS) -> None:
         """Add the first ``limit`` values of a block of raw rows and the matching diff (or tuned) rows."""
-        raw_flat = raw.reshape(-1)[:limit]
+        raw_flat = self.observe_raw(raw, limit)
         other_flat = other.reshape(-1)[: raw_flat.numel()]
-        dtype = str(raw.dtype).removeprefix("torch.")
-        self.raw_dtype_bytes[dtype] = self.raw_dtype_bytes.get(dtype, 0) + raw.numel() * raw.element_size()
-        if raw.dtype == torch.float16:
-            normal, low_zero = float16_low_bits(raw_flat)
-            self.float16_normal += normal
-            self.float16_low_zero += low_zero
         wide = raw_flat.float()
         delta = other_flat.float() - wide if self.other_is_tuned else other_flat.float()
         if not self.other_is_tuned and other_flat.dtype == torch.float32:
@@ -118,6 +114,17 @@ class Evidence:
         sums.raw_sq += float(torch.dot(wide, wide))
         sums.delta_sq += float(torch.dot(delta, delta))
         sums.values += raw_flat.numel()
+
+    def observe_raw(self, raw: torch.Tensor, limit: int = SLICE_ELEMENTS) -> torch.Tensor:
+        """Add what raw rows alone tell (their dtype and precision); return the first ``limit`` values looked at."""
+        raw_flat = raw.reshape(-1)[:limit]
+        dtype = str(raw.dtype).removeprefix("torch.")
+        self.raw_dtype_bytes[dtype] = self.raw_dtype_bytes.get(dtype, 0) + raw.numel() * raw.element_size()
+        if raw.dtype == torch.float16:
+            normal, low_zero = float16_low_bits(raw_flat)
+            self.float16_normal += normal
+            self.float16_low_zero += low_zero
+        return raw_flat
 
     def _observe_grid(self, raw: torch.Tensor, diff: torch.Tensor) -> None:
         nonzero = diff != 0
@@ -153,18 +160,20 @@ def float16_low_bits(values: torch.Tensor) -> tuple[int, int]:
 
 def sample_rows(
     jobs: Iterable, raw, other, limit: int = SAMPLE_ELEMENTS
-) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """Yield (name, raw rows, other rows) from the middle of each job's tensor, about ``limit`` values each.
 
-    ``raw`` and ``other`` are opened checkpoints (anything with ``read_rows``); rows come from the middle, away
-    from special tokens in the vocabulary tensors, and never from rows the other side added.
+    ``raw`` and ``other`` are opened checkpoints (anything with ``read_rows``; ``other`` None: raw rows only);
+    rows come from the middle, away from special tokens in the vocabulary tensors, and never from rows the other
+    side added.
     """
     for job in jobs:
         if not job.raw_rows:  # no raw counterpart, or stored absolute: nothing is added to raw
             continue
         rows = max(1, min(job.raw_rows, limit // max(1, job.raw.row_numel)))
         start = (job.raw_rows - rows) // 2
-        yield job.name, raw.read_rows(job.raw, start, start + rows), other.read_rows(job.other, start, start + rows)
+        other_rows = other.read_rows(job.other, start, start + rows) if other is not None else None
+        yield job.name, raw.read_rows(job.raw, start, start + rows), other_rows
 
 
 def describe_config(config: dict) -> str:
@@ -345,14 +354,17 @@ def magnitude_finding(evidence: Evidence, *, other_role: str) -> Finding:
     )
 
 
-def assess(evidence: Evidence, raw_config: dict, other_config: dict, *, other_role: str) -> list[Finding]:
-    """Return every check's finding for what has been seen so far."""
-    return [
-        config_finding(raw_config, other_config, other_role=other_role),
-        precision_finding(evidence, raw_config, other_role=other_role),
-        grid_finding(evidence, other_role=other_role),
-        magnitude_finding(evidence, other_role=other_role),
-    ]
+def assess(
+    evidence: Evidence, raw_config: dict, other_config: dict, *, other_role: str, checks: Iterable[str] = ALL_CHECKS
+) -> list[Finding]:
+    """Return each of ``checks``' finding for what has been seen so far."""
+    finding = {
+        CONFIG: lambda: config_finding(raw_config, other_config, other_role=other_role),
+        PRECISION: lambda: precision_finding(evidence, raw_config, other_role=other_role),
+        GRID: lambda: grid_finding(evidence, other_role=other_role),
+        MAGNITUDES: lambda: magnitude_finding(evidence, other_role=other_role),
+    }
+    return [finding[check]() for check in checks]
 
 
 def quality_finding(raw_perplexity: float, tuned_perplexity: float, vocab_size: int, tokens: int) -> Finding:
@@ -376,20 +388,33 @@ class Plausibility:
     """One run's checks: assessed on a sample read before the first write, then on every block the run reads.
 
     Certain evidence refuses the run (``PlausibilityError``) unless ``ignore``; with a manifest, which settles
-    the question tensor by tensor, nothing is refused here.
+    the question tensor by tensor, nothing is refused here. ``checks``: the ones that apply (``RAW_CHECKS`` when
+    the other side's values are no differences).
     """
 
     def __init__(
-        self, raw_config: dict, other_config: dict, *, other_role: str, has_manifest: bool, ignore: bool
+        self,
+        raw_config: dict,
+        other_config: dict,
+        *,
+        other_role: str,
+        has_manifest: bool,
+        ignore: bool,
+        checks: tuple[str, ...] = ALL_CHECKS,
     ) -> None:
         self.raw_config, self.other_config, self.other_role = raw_config, other_config, other_role
+        self.checks = checks
         self.may_refuse = not (has_manifest or ignore)
         self.evidence = Evidence(other_is_tuned=other_role != "diff")
 
     def before_writing(self, jobs: Iterable, raw, other) -> list[Finding]:
-        """Return the findings on a sample of every tensor's rows; raise on certain evidence."""
+        """Return the findings on a sample of every tensor's rows (``other`` None: raw's only); raise on certain
+        evidence."""
         for name, raw_rows, other_rows in sample_rows(jobs, raw, other):
-            self.evidence.observe(name, raw_rows, other_rows)
+            if other_rows is None:
+                self.evidence.observe_raw(raw_rows)
+            else:
+                self.evidence.observe(name, raw_rows, other_rows)
         findings = self._assess()
         refused = [f for f in findings if f.severity == REFUSE]
         if refused and self.may_refuse:
@@ -405,7 +430,7 @@ class Plausibility:
         return [replace(f, severity=WARN) if f.severity == REFUSE else f for f in self._assess()]
 
     def _assess(self) -> list[Finding]:
-        return assess(self.evidence, self.raw_config, self.other_config, other_role=self.other_role)
+        return assess(self.evidence, self.raw_config, self.other_config, other_role=self.other_role, checks=self.checks)
 
 
 def final_line(*, verified: bool, findings: Iterable[Finding], tensors: int) -> str:

@@ -47,13 +47,14 @@ CODEC = {
 @dataclass(frozen=True)
 class CompactJob:
     """One tuned tensor: its dtype and shape, the raw tensor its first ``raw_rows`` rows are coded against (None:
-    no counterpart), and where its values come from (a tuned tensor to encode or a compact entry to decode)."""
+    no counterpart), and ``other``, where its values come from (a tuned tensor to encode or a compact entry to
+    decode), named as a float32 plan's ``TensorJob`` names it."""
 
     name: str
     out_dtype: torch.dtype
     out_shape: tuple[int, ...]
     raw: TensorInfo | None
-    source: TensorInfo | CompactTensor
+    other: TensorInfo | CompactTensor
 
     @property
     def out_nbytes(self) -> int:
@@ -165,8 +166,8 @@ def _blocks(shard: ShardPlan) -> Iterator[_Block]:
 def _stored_blocks(shard: ShardPlan) -> Iterator[_Block]:
     """Yield the blocks of recover, as the compact file lists them."""
     for job in shard.jobs:
-        for index, block in enumerate(job.source.blocks):
-            yield _Block(job, index, block.start, block.stop, block.stop <= job.source.raw_rows)
+        for index, block in enumerate(job.other.blocks):
+            yield _Block(job, index, block.start, block.stop, block.stop <= job.other.raw_rows)
 
 
 @dataclass
@@ -227,7 +228,7 @@ class CompactStream:
 
         def read(block: _Block, buffers: _Buffers):
             raw = self._read_raw(block, buffers)
-            return raw, tuned.read_rows(block.job.source, block.start, block.stop, out=buffers.other)
+            return raw, tuned.read_rows(block.job.other, block.start, block.stop, out=buffers.other)
 
         def work(block: _Block, buffers: _Buffers, rows) -> tuple[torch.Tensor, bytes, bool]:
             raw, values = rows
@@ -266,7 +267,7 @@ class CompactStream:
         readers: dict[Path, ContainerReader] = {}
 
         def read(block: _Block, buffers: _Buffers):
-            entry = block.job.source
+            entry = block.job.other
             if entry.file not in readers:
                 readers[entry.file] = ContainerReader(entry.file)
             payload = readers[entry.file].read_block(entry.blocks[block.index], out=buffers.payload)
@@ -274,7 +275,7 @@ class CompactStream:
 
         def work(block: _Block, buffers: _Buffers, rows) -> tuple[torch.Tensor, bool]:
             raw, payload = rows
-            entry = block.job.source
+            entry = block.job.other
             count = block.numel * block.job.out_dtype.itemsize
             out = buffers.other[:count].view(block.job.out_dtype).view(block.shape)
             try:

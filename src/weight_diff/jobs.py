@@ -22,7 +22,7 @@ import torch
 
 from . import __version__, compact, families, files, output, tokenizer, xor
 from .checkpoint import Checkpoint
-from .checks import Finding, Plausibility
+from .checks import ALL_CHECKS, RAW_CHECKS, Finding, Plausibility
 from .errors import IntegrityError, UsageError
 from .manifest import (
     MANIFEST_NAME,
@@ -130,7 +130,7 @@ def recover(
             report = _recover_compact(
                 raw_dir, diff_dir, out, manifest, dtype=dtype, max_shard_size=max_shard_size,
                 overwrite=overwrite, resume=resume, chat_template=chat_template, progress=progress, on_plan=on_plan,
-                verify_md5=verify_md5,
+                verify_md5=verify_md5, ignore_checks=ignore_checks, on_finding=on_finding,
             )  # fmt: skip
             return replace(report, downloads_checked=from_hub)
         raw_dir = hub.input_dir(path_raw, transfer)
@@ -343,7 +343,8 @@ def make_diff(
             if diff_format == "compact":
                 return _make_compact(
                     raw, tuned, out, max_shard_size=max_shard_size, overwrite=overwrite, resume=resume,
-                    chat_template=chat_template, progress=progress, on_plan=on_plan,
+                    chat_template=chat_template, progress=progress, on_plan=on_plan, ignore_checks=ignore_checks,
+                    on_finding=on_finding,
                 )  # fmt: skip
             plan = plan_pairs(
                 raw.tensors,
@@ -530,18 +531,20 @@ def _run(
 def _check_before_writing(
     plan: Plan,
     raw: Checkpoint,
-    other: Checkpoint,
+    other: Checkpoint | None,
     other_config: dict,
     other_role: str,
     *,
     has_manifest: bool,
     ignore: bool,
     on_finding: Callable[[Finding], None] | None,
+    checks: tuple[str, ...] = ALL_CHECKS,
 ) -> Plausibility:
-    """Run the plausibility checks on configs and a sample of rows; refuse on certain evidence, report the rest."""
+    """Run the plausibility checks on configs and a sample of rows (``other`` None: raw's only, for ``checks``
+    that need no other values); refuse on certain evidence, report the rest."""
     raw_config = files.read_config(raw.directory) if (raw.directory / files.CONFIG_NAME).is_file() else {}
     plausibility = Plausibility(raw_config, other_config, other_role=other_role, has_manifest=has_manifest,
-                                ignore=ignore)  # fmt: skip
+                                ignore=ignore, checks=checks)  # fmt: skip
     # A diff still downloading is sampled only where its shard is here: waiting for every shard would undo the
     # pipelining; the rest is checked as it streams, and reported at the end.
     sampled = [job for job in plan.jobs if not isinstance(other, hub_diff.HubCheckpoint) or other.is_here(job.other)]
@@ -685,7 +688,7 @@ def _tool_versions() -> dict:
 
 def _make_compact(
     raw: Checkpoint, tuned: Checkpoint, out: Path, *, max_shard_size, overwrite, resume, chat_template, progress,
-    on_plan,
+    on_plan, ignore_checks, on_finding,
 ) -> RunReport:  # fmt: skip
     """Write the compact diff of ``tuned`` against ``raw``; its manifest pins every tuned tensor in its own dtype."""
     plan = compact.plan_make(raw.tensors, tuned.tensors, max_shard_size=max_shard_size)
@@ -716,9 +719,13 @@ def _make_compact(
         runner.encode(tuned, skip=skip, on_tensor=on_tensor, on_shard=on_shard)
 
     tokens = tokenizer.prepare(tuned.directory)  # the same tokenizer.json as recover writes, as for a float32 diff
+    tuned_config = files.read_config(tuned.directory)
+    plausibility = _check_before_writing(
+        plan, raw, tuned, tuned_config, "tuned model", has_manifest=False, ignore=ignore_checks, on_finding=on_finding
+    )
     report = _run(
-        "make-diff", plan, raw, tuned, out, hashing=Hashing(), on_tensor=on_tensor,
-        config=tokens.config_with_pad(files.config_with_dtype(files.read_config(tuned.directory), plan.dtype)),
+        "make-diff", plan, raw, tuned, out, hashing=Hashing(), on_tensor=on_tensor, plausibility=plausibility,
+        config=tokens.config_with_pad(files.config_with_dtype(tuned_config, plan.dtype)),
         companions=files.companion_files(tuned.directory), tokens=tokens, extra_files={MANIFEST_NAME: manifest_bytes},
         chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress, on_plan=on_plan,
         has_manifest=True, records=records, stream=stream,
@@ -729,7 +736,7 @@ def _make_compact(
 
 def _recover_compact(
     raw_dir: Path, diff_dir: Path, out: Path, manifest: Manifest | None, *, dtype, max_shard_size, overwrite, resume,
-    chat_template, progress, on_plan, verify_md5,
+    chat_template, progress, on_plan, verify_md5, ignore_checks, on_finding,
 ) -> RunReport:  # fmt: skip
     """Recover the tuned model bit for bit from a compact diff, each tensor checked against its manifest."""
     with Checkpoint.open(raw_dir, hidden_size=meta.size_hint(diff_dir), verify_md5=verify_md5) as raw:
@@ -761,7 +768,7 @@ def _recover_compact(
                     "publisher's base (another conversion, precision or size). No model was written"
                 )
             raise IntegrityError(
-                f"tensor {job.name} (in {job.source.file}) does not match the diff's manifest: the manifest and the "
+                f"tensor {job.name} (in {job.other.file}) does not match the diff's manifest: the manifest and the "
                 "compact files come from different diffs; download the diff again. No model was written"
             )
 
@@ -770,10 +777,15 @@ def _recover_compact(
             runner.decode(skip=skip, on_tensor=on_tensor, on_shard=on_shard)
 
         tokens = tokenizer.prepare(diff_dir)  # built and checked before the first write
+        diff_config = files.read_config(diff_dir)
+        plausibility = _check_before_writing(  # the blocks are XORed bits, not differences: raw's checks only
+            plan, raw, None, diff_config, "diff", has_manifest=manifest is not None, ignore=ignore_checks,
+            on_finding=on_finding, checks=RAW_CHECKS,
+        )  # fmt: skip
         ours = families.family_named("weight-diff")
         report = _run(
-            "recover", plan, raw, raw, out, hashing=Hashing(), on_tensor=on_tensor,
-            config=tokens.config_with_pad(files.config_with_dtype(files.read_config(diff_dir), plan.dtype)),
+            "recover", plan, raw, raw, out, hashing=Hashing(), on_tensor=on_tensor, plausibility=plausibility,
+            config=tokens.config_with_pad(files.config_with_dtype(diff_config, plan.dtype)),
             companions=files.companion_files(diff_dir), tokens=tokens,
             extra_files={RECOVERY_NAME: lambda written: _recovery_record(diff_dir, manifest, plan, ours, [])},
             chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress, on_plan=on_plan,
@@ -797,6 +809,6 @@ def _check_compact_covers(manifest: Manifest, plan: Plan) -> None:
         result = manifest.tensors[job.name].result
         if result.dtype != dtype_name(job.out_dtype) or result.shape != list(job.out_shape):
             raise IntegrityError(
-                f"tensor {job.name} in {job.source.file.name} is {dtype_name(job.out_dtype)} {list(job.out_shape)}; "
+                f"tensor {job.name} in {job.other.file.name} is {dtype_name(job.out_dtype)} {list(job.out_shape)}; "
                 f"its manifest says {result.dtype} {result.shape}: download the diff again"
             )
