@@ -165,7 +165,7 @@ def test_not_enough_disk_is_refused_before_any_write(pair, made_diff, tmp_path, 
     monkeypatch.setattr(output.shutil, "disk_usage", lambda path: os.statvfs_result((0,) * 10) and _Usage(1000))
     result = recover_cli(raw, made_diff, tmp_path / "out")
     assert result.exit_code == 1
-    assert "not enough free disk: the output needs" in result.output and "has 0.00 GB free" in result.output
+    assert "not enough free disk: the output needs" in result.output and "has 0.00 MB free" in result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import IntegrityError, UsageError, WeightDiffError
 from .files import CONFIG_NAME, is_companion, write_atomic
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, file_sha256, read_sums
-from .plan import Plan
+from .plan import Plan, format_size
 from .untrusted import load_json
 from .writer import PARTIAL_SUFFIX, fsync_directory
 
@@ -144,8 +144,8 @@ def check_free_space(out: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed + SPACE_MARGIN:
         raise WeightDiffError(
-            f"{out}: not enough free disk: the output needs {_gb(needed + SPACE_MARGIN)}, {probe} has "
-            f"{_gb(free)} free; free space or choose another disk"
+            f"{out}: not enough free disk: the output needs {format_size(needed + SPACE_MARGIN)}, {probe} has "
+            f"{format_size(free)} free; free space or choose another disk"
         )
 
 
@@ -163,10 +163,6 @@ def remove_partials(out: Path) -> None:
         name = path.name.removesuffix(PARTIAL_SUFFIX)
         if OUR_SHARD.match(name) or name in OUR_NAMES or is_companion(name):
             path.unlink()
-
-
-def _gb(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
 
 
 def plan_fingerprint(mode: str, plan: Plan, inputs: list[Path | str]) -> str:
