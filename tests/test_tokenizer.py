@@ -318,9 +318,11 @@ def test_a_built_tokenizer_that_would_tokenize_otherwise_stops_recover_before_an
         (lambda d: (d / "tokenizer.model").write_bytes(b"not a model"), "tokenizer.model: not a sentencepiece model"),
         (lambda d: (d / "added_tokens.json").write_text('{"<pad>": 400}'), "'<pad>' has id 400, the next free id"),
         (lambda d: (d / "special_tokens_map.json").write_text("{"), "special_tokens_map.json: unreadable"),
+        (lambda d: (d / "added_tokens.json").write_text('{"<pad>": NaN}'), "added_tokens.json: unreadable"),
+        (lambda d: (d / "added_tokens.json").write_text("[" * 100000), "added_tokens.json: unreadable"),
         (lambda d: (d / "tokenizer.model").write_bytes(_unigram_model()), "not a LLaMA-style sentencepiece model"),
     ],
-    ids=["model", "added", "map", "unigram"],
+    ids=["model", "added", "map", "nan", "nested", "unigram"],
 )
 def test_bad_tokenizer_files_are_refused_before_any_write(pair, legacy_diff, tmp_path, damage, message):
     diff = shutil.copytree(legacy_diff, tmp_path / "diff")

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import TokenizerError, first_line
+from .errors import TokenizerError
 from .files import json_bytes
-from .untrusted import SMALL_FILE_LIMIT, read_small
+from .untrusted import SMALL_FILE_LIMIT, load_json, read_small
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -599,12 +599,8 @@ def _read_json(path: Path) -> dict:
     """Return a tokenizer json file's object, {} when absent; refuse one that is there but unreadable."""
     if not path.is_file():
         return {}
-    try:
-        body = json.loads(read_small(path, limit=SMALL_FILE_LIMIT, what="tokenizer file", error=TokenizerError))
-    except (OSError, ValueError) as exc:
-        raise TokenizerError(f"{path}: unreadable ({first_line(exc)}); download it again") from None
-    except RecursionError:
-        raise TokenizerError(f"{path}: unreadable (nested too deeply); download it again") from None
+    data = read_small(path, limit=SMALL_FILE_LIMIT, what="tokenizer file", error=TokenizerError)
+    body = load_json(data, where=f"{path}: unreadable", error=TokenizerError)
     if not isinstance(body, dict):
         raise TokenizerError(f"{path}: not a JSON object; download it again")
     return body
