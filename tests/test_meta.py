@@ -8,6 +8,7 @@ script; checked against that script once).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -287,3 +288,19 @@ def test_a_tensor_twice_in_a_meta_shard_is_refused_in_one_line(meta_dirs, made_d
     assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
     assert "tensor model.layers.0.self_attn.q_proj.weight is in both" in result.output, result.output
     assert snapshot(size_dir) == before and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"dim": 64, "n_heads": 4, "n_layers": 2, "norm_eps": NaN}', "not a Meta params.json: not valid JSON"),
+        ("[" * 100000, "not valid JSON (nested too deeply)"),
+        ("[64, 4]", "not a readable Meta params.json (TypeError: not a JSON object)"),
+    ],
+    ids=["nan", "nested", "list"],
+)
+def test_a_damaged_params_json_is_one_clear_refusal(meta_dirs, tmp_path, text, message):
+    size_dir = meta_copy(meta_dirs[1], tmp_path)
+    (size_dir / "params.json").write_text(text)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        Checkpoint.open(size_dir, verify_md5=False)

@@ -22,7 +22,6 @@ through the checkpoint's own reader, so memory stays flat however many shards th
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -45,6 +44,7 @@ from ..checkpoint import (
 from ..errors import CheckpointError, PlanError
 from ..files import CONFIG_NAME, read_json_object
 from ..manifest import file_digest
+from ..untrusted import SMALL_FILE_LIMIT, load_json, read_small
 
 PARAMS_NAME = "params.json"
 CHECKLIST_NAME = "checklist.chk"
@@ -91,8 +91,12 @@ class MetaParams:
 
     @classmethod
     def read(cls, path: Path) -> MetaParams:
+        body = load_json(
+            read_small(path, limit=SMALL_FILE_LIMIT, what=PARAMS_NAME), where=f"{path}: not a Meta params.json"
+        )
         try:
-            body = json.loads(path.read_text())
+            if not isinstance(body, dict):
+                raise TypeError("not a JSON object")
             params = cls(
                 dim=int(body["dim"]),
                 n_heads=int(body["n_heads"]),
