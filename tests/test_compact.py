@@ -275,3 +275,19 @@ def test_nan_and_inf_are_warned_by_compact_make_diff_and_recover_as_by_the_float
     finite = run("make-diff", "--format", "compact", "--path_raw", raw, "--path_tuned", tuned, "--path_diff",
                  tmp_path / "d2", "--quiet")  # fmt: skip
     assert finite.exit_code == 0 and "warning" not in finite.output, finite.output
+
+
+@pytest.mark.parametrize(
+    "index", [b"[" * 100000, b"[]", b'{"format": "weight-diff-compact", "version": NaN}'], ids=["nested", "list", "nan"]
+)
+def test_a_damaged_container_index_is_one_clear_refusal(compact_pairs, tmp_path, index):
+    from weight_diff.container import ContainerReader
+    from weight_diff.errors import IntegrityError
+
+    _, _, diff = compact_pairs[torch.bfloat16]
+    data = sorted(diff.glob("*.wdc"))[0].read_bytes()
+    length = struct.unpack("<Q", data[-16:-8])[0]
+    path = tmp_path / "diff.wdc"
+    path.write_bytes(data[: -16 - length] + index + struct.pack("<Q8s", len(index), b"WDCOMPCT"))
+    with pytest.raises(IntegrityError, match=r"diff\.wdc: its index is damaged.* \(.*\); download it again$"):
+        ContainerReader(path)

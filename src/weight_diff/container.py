@@ -39,6 +39,7 @@ import torch
 
 from .checkpoint import DIRECT_ALIGN, TensorInfo
 from .errors import DiskFullError, IntegrityError
+from .untrusted import load_json
 from .writer import FILE_MODE, PARTIAL_SUFFIX
 
 MAGIC = b"WDCOMPCT"
@@ -181,8 +182,9 @@ class ContainerReader:
             raise IntegrityError(damaged)
         start = size - _TRAILER.size - length
         try:
-            index = json.loads(os.pread(self._fd, length, start))
-            if index.get("format") != FORMAT:
+            index = load_json(os.pread(self._fd, length, start), where=f"{self.path}: its index is damaged",
+                              error=IntegrityError)  # fmt: skip
+            if not isinstance(index, dict) or index.get("format") != FORMAT:
                 raise ValueError("not a weight-diff compact index")
             if index.get("version") != VERSION:
                 raise IntegrityError(
