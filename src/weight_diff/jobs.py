@@ -231,8 +231,7 @@ def _recover_xor(
     plan = xor.plan_for(rule.xor_codec, diff_dir, raw_dir)
     output.check_free_space(out, plan.total_size)
     if overwrite and out.is_dir() and any(out.iterdir()):
-        output.clear_for_overwrite(out)  # only files of ours, never the whole directory
-    xor.prepare_output(out, overwrite=False)
+        output.clear_for_overwrite(out)  # only files of ours, never the whole directory (output.claim made it)
     done = xor.apply_xor(plan, out, progress or (lambda nbytes: None))
     checks = []
     if done.checked:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,11 +282,3 @@ def _read_full(source, buffer) -> int:
             break
         done += got
     return done
-
-
-def prepare_output(out: Path, *, overwrite: bool) -> None:
-    """Create ``out`` (emptied first with ``overwrite``)."""
-    if overwrite and out.is_dir():
-        (out / CONFIG_NAME).unlink(missing_ok=True)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
