@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,7 @@ def test_a_diff_with_a_manifest_names_the_base_it_expects(dirs):
     assert text.splitlines()[0] == f"{dirs['diff']}: a weight diff"
     assert field(text, "kind") == "diff (has weight-diff-manifest.json)"
     assert field(text, "expects base") == f"a model (hidden 64, vocab 320), float16, {PARAMETERS_RAW:,} parameters"
-    assert field(text, "made by").startswith("weight_diff 0.1.0, torch ")
+    assert field(text, "made by").startswith(f"weight_diff {version('weight-diff')}, torch ")
     assert field(text, "checksums") == "all 9 files match SHA256SUMS"
     assert "verified copy" not in text
 
