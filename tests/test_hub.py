@@ -5,6 +5,7 @@ offline from the cache."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from conftest import REPO, load_tensors
 from hub_server import Fault, HubServer
 from weight_diff.cli import main
+from weight_diff.output import JOURNAL_NAME
 from weight_diff.sources import hub as hub_source
 from weight_diff.sources.repo_spec import RepoSpec, hub_spec_for, parse_repo_spec
 
@@ -200,6 +203,40 @@ def test_no_keep_download_deletes_each_diff_shard_once_written_and_bounds_disk(
     assert len(peaks) == 4 and max(peaks) <= shard_sizes[-1] + shard_sizes[-2]
     assert not set(shards) & set(blobs(tmp_path, FOUR))  # every diff shard deleted
     assert any(len(name) == 64 for name in blobs(tmp_path, RAW))  # raw stays in the cache
+    local = tmp_path / "local"
+    assert (
+        run("recover", "--path_raw", pair[0], "--path_diff", four_shard_diff, "--path_tuned", local, "-q").exit_code
+        == 0
+    )
+    assert_same(load_tensors(out), load_tensors(local))
+
+
+def test_a_corrupted_last_diff_shard_fails_with_no_output_shard_from_it_finalised(hub, pair, four_shard_diff, tmp_path):
+    last = sorted(n for n in hub.repos[FOUR].files if n.endswith(".bin"))[-1]
+    weight_map = json.loads((four_shard_diff / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    from_last = {name for name, file in weight_map.items() if file == last}
+    hub.faults[(FOUR, last)] = Fault(corrupt=True)
+    out = tmp_path / "out"
+    result = run(
+        "recover", "--path_raw", RAW, "--path_diff", FOUR, "--path_tuned", out, "--no-keep-download",
+        "--max-shard-size", "150KB", "-q",
+    )  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert last in result.output and "does not match the hub's SHA-256" in result.output, result.output
+    finished = sorted(out.glob("*.safetensors"))
+    assert finished  # output shards fed only by the earlier diff shards were finished (kept for --resume) ...
+    for shard in finished:  # ... and none holding a tensor of the corrupted one
+        with safe_open(shard, "pt") as handle:
+            assert not set(handle.keys()) & from_last, shard.name
+    journaled = json.loads((out / JOURNAL_NAME).read_text())["shards"]
+    assert journaled and set(journaled) <= {shard.name for shard in finished}
+    assert not (out / "config.json").exists()
+    del hub.faults[(FOUR, last)]
+    again = run(
+        "recover", "--path_raw", RAW, "--path_diff", FOUR, "--path_tuned", out, "--no-keep-download",
+        "--max-shard-size", "150KB", "--resume", "-q",
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
     local = tmp_path / "local"
     assert (
         run("recover", "--path_raw", pair[0], "--path_diff", four_shard_diff, "--path_tuned", local, "-q").exit_code

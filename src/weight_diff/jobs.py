@@ -10,6 +10,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import platform
 import time
@@ -546,10 +547,12 @@ def _check_before_writing(
                                 ignore=ignore, checks=checks)  # fmt: skip
     # A diff still downloading is sampled only where its shard is here: waiting for every shard would undo the
     # pipelining; the rest is checked as it streams, and reported at the end.
-    sampled = [job for job in plan.jobs if not isinstance(other, hub_diff.HubCheckpoint) or other.is_here(job.other)]
-    for finding in plausibility.before_writing(sampled, raw, other):
-        if on_finding is not None:
-            on_finding(finding)
+    from_hub = isinstance(other, hub_diff.HubCheckpoint)
+    sampled = [job for job in plan.jobs if not from_hub or other.is_here(job.other)]
+    with other.sampling() if from_hub else contextlib.nullcontext():
+        for finding in plausibility.before_writing(sampled, raw, other):
+            if on_finding is not None:
+                on_finding(finding)
     return plausibility
 
 

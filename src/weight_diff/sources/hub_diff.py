@@ -7,9 +7,11 @@ and with ``keep_download=False`` each shard is deleted once its last tensor is r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -107,6 +109,7 @@ class HubCheckpoint(Checkpoint):
         self._wanted: list[str] = []  # files asked for, first ask first
         self._started: set[str] = set()
         self._held: set[str] = set()  # downloading or downloaded, not yet released
+        self._sampling = False
         self._stop = threading.Event()
         self._lock = threading.Condition()
         self._thread = threading.Thread(target=self._download_loop, name="weight-diff-download", daemon=True)
@@ -121,9 +124,19 @@ class HubCheckpoint(Checkpoint):
     def read_rows(self, info: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         real = self._wait_for(info)
         rows = super().read_rows(real, start, stop, out)
-        if stop >= info.rows:  # the pipeline reads each tensor once, in order: its last rows are now in memory
-            self._done_with([info.name])
+        if stop >= info.rows and not self._sampling:  # the pipeline reads each tensor once, in order: its last
+            self._done_with([info.name])  # rows are now in memory
         return rows
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Reads meanwhile are samples (the plausibility checks before writing), not the pipeline's: a small tensor
+        sampled whole must not count as read, or its file would be deleted before the pipeline reaches it."""
+        self._sampling = True
+        try:
+            yield
+        finally:
+            self._sampling = False
 
     def _wait_for(self, info: TensorInfo) -> TensorInfo:
         name = info.file.name
