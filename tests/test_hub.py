@@ -22,6 +22,7 @@ from hub_server import Fault, HubServer
 from weight_diff.cli import main
 from weight_diff.output import JOURNAL_NAME
 from weight_diff.sources import hub as hub_source
+from weight_diff.sources import hub_diff
 from weight_diff.sources.repo_spec import RepoSpec, hub_spec_for, parse_repo_spec
 
 RAW, LEGACY, MANIFESTED, FOUR = "meta/llama-tiny", "ai2/diff-tiny", "wd/diff-manifest", "ai2/diff-four"
@@ -97,8 +98,8 @@ def test_recover_from_repo_ids_gives_the_tensors_of_local_files(hub, local_resul
     assert_same(load_tensors(out), local_result)
     assert "downloaded files match the hub's checksums" in result.output
     assert "publisher's manifest" not in result.output.replace("could not be checked against the publisher", "")
-    # The diff's shards were fetched in shard order, each once, whole.
-    gets = [p for m, p, r in hub.requests if m == "GET" and p.endswith(".bin")]
+    # The diff's shards were fetched in shard order, each once, whole (besides ranged reads of their ends).
+    gets = [p for m, p, r in hub.requests if m == "GET" and p.endswith(".bin") and r is None]
     assert [Path(p).name for p in gets] == [SHARD1, "pytorch_model-00002-of-00002.bin"]
     # Both repositories stay in huggingface_hub's cache, under its names.
     assert any(len(name) == 64 for name in blobs(tmp_path, RAW)) and blobs(tmp_path, LEGACY)
@@ -182,6 +183,7 @@ def test_interrupted_mid_download_then_resume_continues_the_partial_file(hub, lo
 def test_no_keep_download_deletes_each_diff_shard_once_written_and_bounds_disk(
     hub, pair, four_shard_diff, tmp_path, monkeypatch
 ):
+    monkeypatch.setattr(hub_diff, "EDGE", 4096)  # each shard is laid out from its ends and read as it arrives
     shards = {f.sha256: f.size for f in hub.repos[FOUR].files.values() if f.path.endswith(".bin")}
     shard_sizes = sorted(shards.values())
     peaks = []
@@ -211,11 +213,15 @@ def test_no_keep_download_deletes_each_diff_shard_once_written_and_bounds_disk(
     assert_same(load_tensors(out), load_tensors(local))
 
 
-def test_a_corrupted_last_diff_shard_fails_with_no_output_shard_from_it_finalised(hub, pair, four_shard_diff, tmp_path):
+def test_a_corrupted_last_diff_shard_fails_with_no_output_shard_from_it_finalised(
+    hub, pair, four_shard_diff, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(hub_diff, "EDGE", 4096)  # each shard is laid out from its ends and read as it arrives
     last = sorted(n for n in hub.repos[FOUR].files if n.endswith(".bin"))[-1]
     weight_map = json.loads((four_shard_diff / "pytorch_model.bin.index.json").read_text())["weight_map"]
     from_last = {name for name, file in weight_map.items() if file == last}
     hub.faults[(FOUR, last)] = Fault(corrupt=True)
+    hub.rate = 400_000  # a slow link: the shards are read while they arrive
     out = tmp_path / "out"
     result = run(
         "recover", "--path_raw", RAW, "--path_diff", FOUR, "--path_tuned", out, "--no-keep-download",
@@ -223,6 +229,7 @@ def test_a_corrupted_last_diff_shard_fails_with_no_output_shard_from_it_finalise
     )  # fmt: skip
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert last in result.output and "does not match the hub's SHA-256" in result.output, result.output
+    assert "bytes=0-4095" in hub.range_requests(last)  # its layout was learned before it arrived
     finished = sorted(out.glob("*.safetensors"))
     assert finished  # output shards fed only by the earlier diff shards were finished (kept for --resume) ...
     for shard in finished:  # ... and none holding a tensor of the corrupted one
@@ -232,6 +239,7 @@ def test_a_corrupted_last_diff_shard_fails_with_no_output_shard_from_it_finalise
     assert journaled and set(journaled) <= {shard.name for shard in finished}
     assert not (out / "config.json").exists()
     del hub.faults[(FOUR, last)]
+    hub.rate = None
     again = run(
         "recover", "--path_raw", RAW, "--path_diff", FOUR, "--path_tuned", out, "--no-keep-download",
         "--max-shard-size", "150KB", "--resume", "-q",

@@ -204,6 +204,7 @@ def recover(
                 has_manifest=manifest is not None,
                 plausibility=plausibility,
                 on_shard_written=diff.shard_written if isinstance(diff, hub_diff.HubCheckpoint) else None,
+                before_finish=diff.wait_checked if isinstance(diff, hub_diff.HubCheckpoint) else None,
             )
             return replace(
                 report, family=rule.name, family_reason=reason, checks=tuple(checks), downloads_checked=from_hub
@@ -425,11 +426,13 @@ def _run(
     plausibility: Plausibility | None = None,
     stream: Callable[[frozenset[str], Callable[[str, str], None]], None] | None = None,
     on_shard_written: Callable[[list[str]], None] | None = None,
+    before_finish: Callable[[list[str]], None] | None = None,
 ) -> RunReport:
     """Run a planned job into ``out``; ``records`` collects make-diff's tensor hashes, across --resume too.
 
     ``stream(skip, on_shard)`` writes the shards instead of the float32 pipeline (compact diffs);
-    ``on_shard_written`` hears the tensors of each shard once it is on disk (and of those kept by --resume).
+    ``on_shard_written`` hears the tensors of each shard once it is on disk (and of those kept by --resume);
+    ``before_finish`` is waited for before a shard is renamed into place (a diff read while it downloads).
     """
     started = time.monotonic()
     nonfinite: list[str] = []
@@ -494,6 +497,7 @@ def _run(
             on_shard=on_shard,
             progress=progress or (lambda nbytes: None),
             observe=plausibility.observe if plausibility is not None else None,
+            before_finish=before_finish,
         )
         pipeline.run(skip=done)
 

@@ -180,6 +180,7 @@ class Pipeline:
         on_shard: Callable[[str, str], None],
         progress: Callable[[int], None] = lambda nbytes: None,
         observe: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+        before_finish: Callable[[list[str]], None] | None = None,
     ) -> None:
         if mode not in ("recover", "make-diff"):
             raise ValueError(mode)
@@ -187,6 +188,9 @@ class Pipeline:
         self.mode, self.hashing = mode, hashing
         self.on_tensor, self.on_shard, self.progress = on_tensor, on_shard, progress
         self.observe = observe  # sees every block of raw rows with the other side's (plausibility statistics)
+        # Waits until the inputs of a shard's tensors are checked (a diff read while it downloads), or raises: the
+        # shard is renamed into place, and journaled, only after.
+        self.before_finish = before_finish
         largest_row = max((job.other.row_numel for job in plan.jobs), default=1)
         self._budget = max(BLOCK_ELEMENTS, largest_row)
         self._ring = [_BufferSet.allocate(self._budget) for _ in range(RING_DEPTH)]
@@ -249,9 +253,14 @@ class Pipeline:
         self._finishing = _Finishing(
             shard.file_name,
             writer,
-            done=self._submit("sync", writer.finish),
+            done=self._submit("sync", self._finish, shard, writer),
             digest=self._submit("file", file_hash.hexdigest),
         )
+
+    def _finish(self, shard: ShardPlan, writer: ShardWriter) -> None:
+        if self.before_finish is not None:
+            self.before_finish([job.name for job in shard.jobs])
+        writer.finish()
 
     def _settle_finishing(self) -> None:
         """Wait for the previous shard to be on disk under its name, then report it to ``on_shard``."""

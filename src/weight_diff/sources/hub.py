@@ -22,6 +22,7 @@ import queue
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -249,12 +250,15 @@ def fetch(
     stop: threading.Event | None = None,
     *,
     durable: bool = True,
+    arrived: Callable[[int], None] | None = None,
 ) -> Path:
     """Return the file's path in the snapshot once its bytes match the hub's checksum, downloading what is missing.
 
     A blob this tool already checked is used as is; one left by another client is hashed first. A mismatch deletes
     the bad copy and raises, naming the file. ``durable=False`` skips the fsync of a file that will be deleted once
-    read (--no-keep-download): its pages may then never reach the disk at all.
+    read (--no-keep-download): its pages may then never reach the disk at all. ``arrived(n)`` hears, from another
+    thread, that the first n bytes are in ``partial_path`` (not yet checked: what is made from them must be held
+    back until this returns).
     """
     transfer = transfer or NoTransfer()
     blobs = snapshot.repo_dir / "blobs"
@@ -272,7 +276,7 @@ def fetch(
             "once online first"
         )
     blobs.mkdir(parents=True, exist_ok=True)
-    partial = blobs / (file.blob_name + PARTIAL_SUFFIX)
+    partial = partial_path(snapshot, file)
     with open(partial, "ab+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -281,8 +285,8 @@ def fetch(
                 f"{partial}: another process is downloading this file; wait for it, or stop it first"
             ) from None
         if blob.is_file():  # the other process finished while we waited
-            return fetch(snapshot, file, transfer, stop, durable=durable)
-        sink = _Sink(file, handle)
+            return fetch(snapshot, file, transfer, stop, durable=durable, arrived=arrived)
+        sink = _Sink(file, handle, arrived)
         try:
             transfer.expect(file.size)
             transfer.downloaded(sink.size)
@@ -300,13 +304,19 @@ def fetch(
     return link
 
 
+def partial_path(snapshot: Snapshot, file: RemoteFile) -> Path:
+    """Where a file's bytes arrive before they are checked and renamed into ``blobs/``."""
+    return snapshot.repo_dir / "blobs" / (file.blob_name + PARTIAL_SUFFIX)
+
+
 class _Sink:
     """A partial file and its running hash, fed on a thread of their own: the receiving thread only parses HTTP,
     while writing and hashing (both release the GIL) run beside it on another core."""
 
-    def __init__(self, file: RemoteFile, handle) -> None:
-        self.file, self.handle = file, handle
+    def __init__(self, file: RemoteFile, handle, arrived: Callable[[int], None] | None = None) -> None:
+        self.file, self.handle, self._arrived = file, handle, arrived
         self.hasher, self.size = _continue_partial(file, handle)  # size: bytes received so far
+        self._written = self.size  # bytes in the file (the drain thread's count)
         self._queue: queue.Queue = queue.Queue(maxsize=64)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="weight-diff-sink", daemon=True)
@@ -320,6 +330,10 @@ class _Sink:
                 try:
                     self.handle.write(item)
                     self.hasher.update(item)
+                    self._written += len(item)
+                    if self._arrived is not None:
+                        self.handle.flush()  # to the kernel: readable by pread from here on
+                        self._arrived(self._written)
                 except BaseException as exc:  # disk full: raised on the receiving thread's next put
                     self._error = exc
 
@@ -342,7 +356,7 @@ class _Sink:
         self._flush()
         self.handle.truncate(0)
         self.handle.seek(0)
-        self.hasher, self.size = self.file.new_hash(), 0
+        self.hasher, self.size, self._written = self.file.new_hash(), 0, 0
 
     def finish(self) -> str:
         """Return the hash of every byte, once all are written."""

@@ -11,7 +11,9 @@ import contextlib
 import os
 import struct
 import threading
+import zipfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,13 +27,15 @@ from ..checkpoint import (
     read_bin_header,
     read_safetensors_header,
 )
-from ..errors import CheckpointError, Interrupted, UsageError
+from ..errors import CheckpointError, IntegrityError, Interrupted, UsageError
 from ..files import read_json_object
 from ..plan import VOCAB_SUFFIXES
 from ..role import FINAL_NORM_NAMES, role_of
 from . import hub
 from .hub import Snapshot, Transfer
 from .repo_spec import hub_spec_for
+
+EDGE = 2**20  # bytes fetched from each end of a .bin to learn its layout before it arrives
 
 
 def open_diff(
@@ -89,6 +93,7 @@ class HubCheckpoint(Checkpoint):
                 if length > min(file.size - 8, 100 * 2**20):
                     raise CheckpointError(f"{snapshot.spec}: {name} is not a safetensors file (header length)")
                 found = parse_safetensors_header(path, file.size, hub.fetch_range(snapshot, file, 8, 8 + length))
+                checkpoint._planned[name] = {info.name: info for info in found}
             else:
                 found = _predict_bin(snapshot, name, config, like)
             checkpoint.tensors.update({info.name: info for info in found if is_weight_name(info.name)})
@@ -112,6 +117,15 @@ class HubCheckpoint(Checkpoint):
         self._sampling = False
         self._stop = threading.Event()
         self._lock = threading.Condition()
+        # Reading a file while it arrives: its tensors' places (from its header, fetched ahead), the bytes here so
+        # far, and which files were read before their checksum matched (outputs from them wait: ``wait_checked``).
+        self._planned: dict[str, dict[str, TensorInfo]] = {}
+        self._early: dict[str, dict[str, TensorInfo]] = {}
+        self._arrived: dict[str, int] = {}
+        self._restarted: set[str] = set()
+        self._read_early: set[str] = set()
+        self._release_when_checked: set[str] = set()
+        self._records: dict[str, dict[str, tuple[int, int]]] = {}  # .bin: tensor -> (its record's zip header, offset)
         self._thread = threading.Thread(target=self._download_loop, name="weight-diff-download", daemon=True)
 
     @property
@@ -122,7 +136,7 @@ class HubCheckpoint(Checkpoint):
     # The reader's side -------------------------------------------------------------------------------------------
 
     def read_rows(self, info: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        real = self._wait_for(info)
+        real = self._wait_for(info, stop)
         rows = super().read_rows(real, start, stop, out)
         if stop >= info.rows and not self._sampling:  # the pipeline reads each tensor once, in order: its last
             self._done_with([info.name])  # rows are now in memory
@@ -138,17 +152,28 @@ class HubCheckpoint(Checkpoint):
         finally:
             self._sampling = False
 
-    def _wait_for(self, info: TensorInfo) -> TensorInfo:
+    def _wait_for(self, info: TensorInfo, stop: int) -> TensorInfo:
+        """Return where to read the tensor's rows up to ``stop``: in the checked file, or in the file still arriving
+        once those bytes are here (the output they go into then waits for its checksum: ``wait_checked``)."""
         name = info.file.name
         ready = self._ready[name]
-        if name not in self._wanted:  # even when it is here already: the downloader looks ahead of this file
-            with self._lock:
+        with self._lock:
+            if name not in self._wanted:  # even when it is here already: the downloader looks ahead of this file
                 self._wanted.append(name)
                 self._lock.notify_all()
-        if not ready.is_set():
-            while not ready.wait(0.2):
+            while not ready.is_set():
+                early = self._early.get(name, {}).get(info.name)
+                if early is not None and early.dtype == info.dtype and early.shape == info.shape:
+                    if early.offset is None:  # a .bin record whose zip header has not arrived yet
+                        early = self._early[name][info.name] = replace(early, offset=self._record_data(name, info))
+                    if early.offset is not None and self._arrived.get(name, 0) >= (
+                        early.offset + stop * early.row_numel * early.dtype.itemsize
+                    ):
+                        self._read_early.add(name)
+                        return early
                 if self._stop.is_set():
                     raise Interrupted("interrupted while waiting for a download")
+                self._lock.wait(0.2)
         if self._failure is not None and name not in self._real:
             raise self._failure
         real = self._real[name].get(info.name)
@@ -169,6 +194,16 @@ class HubCheckpoint(Checkpoint):
         """Read buffered, never O_DIRECT: a file just downloaded is in the page cache, and O_DIRECT would first
         write it back, then read it from the disk again."""
         return None if direct else super()._fd(path, direct=False)
+
+    def wait_checked(self, tensor_names: list[str]) -> None:
+        """Return once every file holding these tensors matched the hub's checksum; raise the download's error if
+        one did not. Called before an output shard made from them is finished (renamed, journaled)."""
+        for name in sorted({self._file_of[t] for t in tensor_names if t in self._file_of}):
+            while not self._ready[name].wait(0.2):
+                if self._stop.is_set():
+                    raise Interrupted("interrupted while waiting for a download to be checked")
+            if name not in self._real:
+                raise self._failure or Interrupted("interrupted while waiting for a download to be checked")
 
     def shard_written(self, tensor_names: list[str]) -> None:
         """Tell that these tensors are in the output (or were, in a run that --resume continues)."""
@@ -194,8 +229,13 @@ class HubCheckpoint(Checkpoint):
                 self._release(name)
 
     def _release(self, name: str) -> None:
+        with self._lock:
+            if not self._ready[name].is_set():  # read while arriving: deleted once checked (by the downloader)
+                self._release_when_checked.add(name)
+                return
         path = self.directory / name
-        for key in [key for key in list(self._fds) if key[0] == path]:  # the read lane may add one meanwhile
+        partial = hub.partial_path(self.snapshot, self.snapshot.files[name])
+        for key in [key for key in list(self._fds) if key[0] in (path, partial)]:  # the read lane may add one
             fd = self._fds.pop(key)
             if fd is not None:
                 os.close(fd)
@@ -247,13 +287,86 @@ class HubCheckpoint(Checkpoint):
                     continue
                 with self._lock:
                     self._held.add(name)
-                hub.fetch(self.snapshot, self.snapshot.files[name], self._transfer, self._stop, durable=self._keep)
+                self._plan_early(name)
+                hub.fetch(
+                    self.snapshot, self.snapshot.files[name], self._transfer, self._stop, durable=self._keep,
+                    arrived=lambda nbytes, name=name: self._bytes_arrived(name, nbytes),
+                )  # fmt: skip
                 self._load_header(name)
-                self._ready[name].set()
+                self._check_early_reads(name)
+                with self._lock:
+                    self._ready[name].set()
+                    self._lock.notify_all()
+                    release = name in self._release_when_checked
+                if release:
+                    self._release(name)
         except BaseException as exc:  # handed to the reader, which raises it on the pipeline's lane
             self._failure = exc
             for event in self._ready.values():
                 event.set()
+
+    def _plan_early(self, name: str) -> None:
+        """Learn where the file's tensors will be before it is here, so that they can be read while it arrives: a
+        safetensors header was fetched while planning; a .bin's pickle and zip directory are fetched now (its first
+        and last MiB, laid into a sparse file of its size). A file whose layout cannot be learned this way is read
+        once whole and checked, as before."""
+        file = self.snapshot.files[name]
+        partial = hub.partial_path(self.snapshot, file)
+        found = self._planned.get(name)
+        if found is None and name.endswith(".bin") and file.size > 4 * EDGE:  # a small one is read once checked
+            sketch = partial.with_name(partial.name + ".sketch")
+            try:
+                head = hub.fetch_range(self.snapshot, file, 0, min(file.size, EDGE))
+                tail_start = max(len(head), file.size - EDGE)
+                tail = hub.fetch_range(self.snapshot, file, tail_start, file.size) if tail_start < file.size else b""
+                with open(sketch, "wb") as handle:
+                    handle.truncate(file.size)
+                    handle.write(head)
+                    handle.seek(tail_start)
+                    handle.write(tail)
+                found, records = _bin_layout(sketch)
+                self._records[name] = records
+            except Exception:  # not laid out as torch.save writes it (torch raises many types): read once checked
+                found = None
+            finally:
+                sketch.unlink(missing_ok=True)
+        if found:
+            with self._lock:
+                self._early[name] = {n: replace(info, file=partial) for n, info in found.items()}
+
+    def _bytes_arrived(self, name: str, nbytes: int) -> None:
+        with self._lock:
+            if nbytes < self._arrived.get(name, 0):  # the hub sent the file again from its start
+                self._restarted.add(name)
+            if name in self._early and name not in self._arrived:  # opened while it has this name
+                partial = next(iter(self._early[name].values())).file
+                self._fds.setdefault((partial, False), os.open(partial, os.O_RDONLY))
+            self._arrived[name] = nbytes
+            self._lock.notify_all()
+
+    def _record_data(self, name: str, info: TensorInfo) -> int | None:
+        """Return where a .bin tensor's bytes start, once the zip header of its record has arrived (its length
+        varies with the alignment padding torch.save puts there)."""
+        header, within = self._records[name][info.name]
+        if self._arrived.get(name, 0) < header + 30:
+            return None
+        partial = self._early[name][info.name].file
+        local = os.pread(self._fds[(partial, False)], 30, header)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise CheckpointError(f"{self.snapshot.spec}: {name} is not laid out as its zip directory says")
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        return header + 30 + name_length + extra_length + within
+
+    def _check_early_reads(self, name: str) -> None:
+        """Once checked: what was read while it arrived must be where the checked file has it."""
+        if name not in self._read_early:
+            return
+        early = {n: (i.dtype, i.shape, i.offset) for n, i in self._early[name].items() if i.offset is not None}
+        real = {n: (i.dtype, i.shape, i.offset) for n, i in self._real[name].items()}
+        if name in self._restarted or any(real.get(n) != place for n, place in early.items()):
+            raise IntegrityError(
+                f"{self.snapshot.spec}: {name} changed while it was read as it arrived; run the same command again"
+            )
 
     def _load_header(self, name: str) -> None:
         path = self.directory / name
@@ -278,6 +391,30 @@ class HubCheckpoint(Checkpoint):
                 f"{self.snapshot.spec}: looks like a model, not a weight diff (its norm weights are near 1); "
                 "--path_diff takes the published diff"
             )
+
+
+def _bin_layout(sketch: Path) -> tuple[dict[str, TensorInfo], dict[str, tuple[int, int]]]:
+    """Return a .bin's tensors (no offsets yet) and, for each, its record's zip header offset and its byte offset
+    in that record, from a sparse copy holding only the file's ends: the pickle (first) and the zip directory (last).
+    The records' own headers are in the gap: where each record's data starts is read once its header arrives."""
+    state = torch.load(sketch, mmap=True, weights_only=True, map_location="cpu")
+    reader = torch._C.PyTorchFileReader(str(sketch))
+    # Offsets as torch computes them from the (zeroed) local headers: wrong, but the same for the mapped storages.
+    sketched = {reader.get_record_offset(r): r for r in reader.get_all_records() if r.startswith("data/")}
+    with zipfile.ZipFile(sketch) as archive:
+        headers = {i.filename.split("/", 1)[-1]: i.header_offset for i in archive.infolist()}
+    storages = {n: t.untyped_storage().data_ptr() for n, t in state.items() if isinstance(t, torch.Tensor)}
+    if not storages or len(storages) != len(state):
+        raise ValueError("not a flat dict of tensors")
+    base = min(storages.values()) - min(sketched)
+    found, records = {}, {}
+    for name, tensor in state.items():
+        if not is_weight_name(name) or not tensor.is_contiguous():
+            continue
+        record = sketched[storages[name] - base]
+        found[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), sketch, None)
+        records[name] = (headers[record], tensor.data_ptr() - storages[name])
+    return found, records
 
 
 def _predict_bin(snapshot: Snapshot, name: str, config: dict, like: dict[str, TensorInfo]) -> list[TensorInfo]:
