@@ -1073,6 +1073,7 @@ def hub_bench(args: argparse.Namespace) -> str:
         log(f"running {name} ...")
         with DiskPeak(measured) as disk:
             rc, wall, rss, sync = timed(cmd, work / f"{name.split()[0]}.log", args.timeout, env=server.env(hf_home))
+        log(f"{name}: {wall:.1f} s, then sync {sync:.1f} s (load {os.getloadavg()[0]:.1f})")
         status = "ok" if rc == 0 else _status_text(rc, work / f"{name.split()[0]}.log", False)
         rows.append((name, wall + sync, disk.peak, rss, status))
         return wall + sync

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".model")
 CHUNK = 1 << 20
+PACING_BURST = 0.05  # seconds of the link's rate a late sender may send at once
 
 
 @dataclass
@@ -153,7 +154,9 @@ class HubServer:
             return
         with self._budget_lock:
             now = time.monotonic()
-            start = max(now, self._next_send)
+            # A sender woken late (a busy machine) may catch up within a short burst, as behind a real link's
+            # buffers: otherwise every late wake-up would be bandwidth lost, and the cap would measure the load.
+            start = max(now - PACING_BURST, self._next_send)
             self._next_send = start + nbytes / self.rate
         if self._next_send > now:  # a chunk leaves when its share of the link is over: small chunks, smooth rate
             time.sleep(self._next_send - now)
