@@ -1049,6 +1049,17 @@ class DiskPeak:
         self.peak = max(self.peak, disk_bytes(self.paths))
 
 
+def _weight_sums(directory: Path) -> dict[str, str]:
+    """The SHA-256 of each weight shard, from the SHA256SUMS a finished run writes ({} when there is none)."""
+    with contextlib.suppress(OSError):
+        lines = (directory / "SHA256SUMS").read_text().splitlines()
+        return {n.lstrip("*"): d for d, n in (line.split(maxsplit=1) for line in lines) if n.endswith(WEIGHT_ENDS)}
+    return {}
+
+
+WEIGHT_ENDS = (".safetensors", ".bin")
+
+
 def hub_bench(args: argparse.Namespace) -> str:
     """Time recovery from a capped local hub against the download alone; return the Markdown report."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -1092,6 +1103,7 @@ def hub_bench(args: argparse.Namespace) -> str:
              "--path_tuned", str(local), "--quiet"],
             first, [first, local],
         )  # fmt: skip
+        local_sums = _weight_sums(local)
         shutil.rmtree(first, ignore_errors=True)
         shutil.rmtree(local, ignore_errors=True)
         second, out = work / "hf-pipelined", work / "out-pipelined"
@@ -1101,6 +1113,9 @@ def hub_bench(args: argparse.Namespace) -> str:
              "--no-keep-download", "--quiet"],
             second, [second, out],
         )  # fmt: skip
+        same = _weight_sums(out) == local_sums and bool(local_sums)
+        if not same:
+            rows[-1] = (*rows[-1][:4], "OUTPUT DIFFERS from the recovery from downloaded files")
     finally:
         server.stop()
         shutil.rmtree(work / "hf-download", ignore_errors=True)
@@ -1127,7 +1142,9 @@ def hub_bench(args: argparse.Namespace) -> str:
         "",
         f"One command: {pipelined:.1f} s against {download:.1f} s for the download alone "
         f"({pipelined / download:.2f}x; goal at most 1.10x) and {download + after:.1f} s for download then recover. "
-        f"Wall includes the `sync` after each run. Load average at the start: {os.getloadavg()[0]:.2f}.",
+        f"Wall includes the `sync` after each run. Load average at the start: {os.getloadavg()[0]:.2f}. "
+        "The one command's weight shards are byte for byte those of the recovery from the downloaded files "
+        "(SHA256SUMS compared) unless its status says otherwise.",
     ]
     return "\n".join(lines)
 
