@@ -156,9 +156,12 @@ def file_sha256(path: Path) -> str:
     return file_digest(path, "sha256")
 
 
-def file_digest(path: Path, algorithm: str) -> str:
-    """Return a file's hex digest by ``algorithm`` ("sha256", or "md5" for Meta's checklist.chk)."""
-    hasher = hashlib.new(algorithm)
+def file_digest(path: Path, algorithm: str | hashlib._Hash) -> str:
+    """Return a file's hex digest by ``algorithm`` ("sha256", or "md5" for Meta's checklist.chk).
+
+    ``algorithm`` may also be a hasher already fed a prefix (the hub's git blob id: sha1 seeded with ``blob N\\0``).
+    """
+    hasher = hashlib.new(algorithm) if isinstance(algorithm, str) else algorithm
     buffers = [bytearray(HASH_CHUNK), bytearray(HASH_CHUNK)]
     with path.open("rb", buffering=0) as file, ThreadPoolExecutor(1) as reader:
         left = os.fstat(file.fileno()).st_size  # never past the stated size: /proc and growing files end here

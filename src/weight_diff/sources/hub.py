@@ -35,6 +35,7 @@ from ..checkpoint import (
 )
 from ..errors import CheckpointError, IntegrityError, Interrupted, WeightDiffError, first_line
 from ..files import read_json_object
+from ..manifest import file_digest
 from .repo_spec import RepoSpec, hub_spec_for
 
 PARTIAL_SUFFIX = ".weight-diff-partial"
@@ -266,7 +267,7 @@ def fetch(
     link = snapshot.local(file)
     if blob.is_file():
         if not _stamped(snapshot, file, blob):
-            _check_digest(snapshot, file, blob, _hash_file(file, blob))
+            _check_digest(snapshot, file, blob, file_digest(blob, file.new_hash()))
             _stamp(snapshot, file, blob)
         _link(blob, link)
         return link
@@ -456,14 +457,6 @@ def _raise_for_status(snapshot: Snapshot, file: RemoteFile, response) -> None:
         raise HubError(f"{snapshot.spec}: the repository is gone from the hub or not visible with your token") from None
     except HfHubHTTPError as exc:
         raise HubError(f"{snapshot.spec}: downloading {file.path}: {first_line(exc)}") from None
-
-
-def _hash_file(file: RemoteFile, path: Path) -> str:
-    hasher = file.new_hash()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def _check_digest(snapshot: Snapshot, file: RemoteFile, path: Path, actual: str) -> None:
