@@ -228,14 +228,12 @@ def _resolve_offline(spec: RepoSpec, settings: HubSettings, repo_dir: Path) -> S
     if not COMMIT.match(commit):
         with contextlib.suppress(OSError):
             commit = (repo_dir / "refs" / spec.revision).read_text().strip()
-    listing_path = repo_dir / OWN_DIR / f"{commit}.json"
-    try:
-        listing = json.loads(listing_path.read_text())
-    except (OSError, ValueError):
+    listing = read_json_object(repo_dir / OWN_DIR / f"{commit}.json")  # {} when absent or damaged
+    if "files" not in listing:
         raise HubError(
             f"{spec}: no such local directory, and that repository is not in the cache ({settings.cache}) with "
             "HF_HUB_OFFLINE set; check the path, or run once online first"
-        ) from None
+        )
     files = {entry["path"]: RemoteFile(**entry) for entry in listing["files"]}
     return Snapshot(spec, commit, files, repo_dir, settings)
 
