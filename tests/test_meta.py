@@ -25,7 +25,7 @@ from weight_diff.errors import CheckpointError, IntegrityError, PlanError
 from weight_diff.inspect_dir import inspect_path
 from weight_diff.jobs import make_diff, recover
 from weight_diff.manifest import Manifest
-from weight_diff.plan import format_size
+from weight_diff.sizes import format_size
 from weight_diff.sources.meta import rotary_rows
 from weight_diff.tiny_llama import save_meta_dir, tiny_config
 

@@ -5,8 +5,9 @@ import torch
 
 from weight_diff.checkpoint import TensorInfo
 from weight_diff.errors import PlanError, UsageError
-from weight_diff.plan import describe_size, parse_size, plan_pairs
+from weight_diff.plan import describe_size, plan_pairs
 from weight_diff.role import role_of
+from weight_diff.sizes import parse_size
 
 
 def info(name, shape, dtype=torch.float32):

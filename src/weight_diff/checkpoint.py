@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import CheckpointError, first_line
+from .sizes import format_size
 from .untrusted import confined_name, given_path, load_json, member, read_small
 
 if TYPE_CHECKING:
@@ -541,7 +542,7 @@ def _read_legacy_bin(path: Path) -> tuple[list[TensorInfo], dict[str, torch.Tens
     size = path.stat().st_size
     if size > LEGACY_LIMIT:
         raise CheckpointError(
-            f"{path}: a pre-2020 (non-zip) PyTorch file of {size / 1e9:.1f} GB would be loaded whole into memory; "
+            f"{path}: a pre-2020 (non-zip) PyTorch file of {format_size(size)} would be loaded whole into memory; "
             "re-save it with torch.save (torch >= 1.6) or as safetensors first"
         )
     state = _as_state_dict(path, _torch_load(path, mmap=False))

@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .errors import Interrupted, WeightDiffError, first_line
+from .sizes import format_size
 
 EXAMPLES = """
 \b
@@ -233,8 +234,6 @@ def _run_job(job: Callable, label: str, quiet: bool, chat_template: str | None, 
 
         nbytes = md5_bytes(paths[0], paths[1])
         if nbytes:
-            from .plan import format_size
-
             click.echo(
                 f"checking the md5 sums of Meta's {CHECKLIST_NAME} ({format_size(nbytes)} to read; --no-md5 skips)",
                 err=True,
@@ -499,8 +498,6 @@ def _warnings(report, *, source: str) -> None:
 
 
 def _summary(verb: str, report) -> str:
-    from .plan import format_size  # imports torch: only once a job has run
-
     resumed = f", {report.resumed_shards} kept from the interrupted run" if report.resumed_shards else ""
     notes = "".join(f"\ntokenizer: {note}" for note in report.notes)
     return (

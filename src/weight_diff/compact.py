@@ -29,7 +29,8 @@ from .codec import DEFAULT_LEVEL, BlockDecoder, BlockEncoder, BlockError
 from .container import SUFFIX, CompactTensor, ContainerReader, ContainerWriter, compact_files
 from .errors import IntegrityError, PlanError, UsageError
 from .manifest import Digest, TensorRecord, dtype_name, tensor_bytes
-from .plan import Plan, ShardPlan, parse_size, plan_pairs, plan_shards
+from .plan import Plan, ShardPlan, plan_pairs, plan_shards
+from .sizes import parse_size
 from .writer import ShardWriter
 
 BLOCK_ELEMENTS = 4 * 2**20  # measured: 1M to 16M values per block compress alike; 4M keeps the ring small

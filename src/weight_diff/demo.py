@@ -12,6 +12,7 @@ import torch
 from .compare import compare_models
 from .errors import WeightDiffError
 from .jobs import make_diff, recover
+from .sizes import format_size
 
 
 def run_demo(*, keep: Path | None = None) -> Iterator[str]:
@@ -39,7 +40,7 @@ def _demo(workdir: Path) -> Iterator[str]:
     diff_dir, out_dir = workdir / "diff", workdir / "recovered"
     made = make_diff(raw_dir, tuned_dir, diff_dir)
     yield (
-        f"make-diff: {made.tensors} tensors, {made.bytes_written / 1e6:.2f} MB of float32 diff with a checksum "
+        f"make-diff: {made.tensors} tensors, {format_size(made.bytes_written)} of float32 diff with a checksum "
         f"manifest, {made.seconds:.2f} s"
     )
     recovered = recover(raw_dir, diff_dir, out_dir)

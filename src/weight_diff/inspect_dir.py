@@ -24,8 +24,9 @@ from .families import FAMILIES, detect, evidence_of
 from .files import CHAT_TEMPLATE_FILE, CONFIG_NAME
 from .files import read_json_object as _read_json
 from .manifest import RECOVERY_NAME, SUMS_NAME, Digest, Manifest, dtype_name, read_sums
-from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size, format_size
+from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size
 from .role import classify
+from .sizes import format_size
 from .sources import meta
 from .tokenizer import describe as describe_tokenizer
 from .untrusted import given_path

@@ -20,7 +20,8 @@ from pathlib import Path
 from .errors import IntegrityError, UsageError, WeightDiffError
 from .files import CONFIG_NAME, is_companion, write_atomic
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, file_sha256, read_sums
-from .plan import Plan, format_size
+from .plan import Plan
+from .sizes import format_size
 from .untrusted import load_json
 from .writer import PARTIAL_SUFFIX, fsync_directory
 
