@@ -602,17 +602,20 @@ def _check_roles(raw: Checkpoint, diff: Checkpoint, manifest: Manifest | None) -
         )
 
 
-def check_manifest_covers(manifest: Manifest, plan: Plan) -> None:
-    """Refuse before any write when the diff's tensors, or the raw's dtypes, differ from what the manifest says."""
+def _check_manifest_names(manifest: Manifest, plan: Plan) -> None:
+    """Refuse when the diff holds tensors its manifest does not list, or lacks some it does: a mixed download."""
     names = {job.name for job in plan.jobs}
-    missing = sorted(set(manifest.tensors) - names)
-    extra = sorted(names - set(manifest.tensors))
+    missing, extra = sorted(set(manifest.tensors) - names), sorted(names - set(manifest.tensors))
     if missing or extra:
-        first = (missing or extra)[0]
         raise IntegrityError(
             f"the diff's tensors differ from its manifest ({len(missing)} missing, {len(extra)} unexpected; first: "
-            f"{first}); the download is incomplete or mixed: download the diff again"
+            f"{(missing or extra)[0]}); the download is incomplete or mixed: download the diff again"
         )
+
+
+def check_manifest_covers(manifest: Manifest, plan: Plan) -> None:
+    """Refuse before any write when the diff's tensors, or the raw's dtypes, differ from what the manifest says."""
+    _check_manifest_names(manifest, plan)
     for job in plan.jobs:
         expected = manifest.tensors[job.name].raw
         if expected.dtype != dtype_name(job.raw.dtype) or expected.shape != list(job.raw.shape):
@@ -804,13 +807,7 @@ def _recover_compact(
 
 def _check_compact_covers(manifest: Manifest, plan: Plan) -> None:
     """Refuse before any write when the compact files' tensors differ from the manifest's, or their dtypes do."""
-    names = {job.name for job in plan.jobs}
-    missing, extra = sorted(set(manifest.tensors) - names), sorted(names - set(manifest.tensors))
-    if missing or extra:
-        raise IntegrityError(
-            f"the diff's tensors differ from its manifest ({len(missing)} missing, {len(extra)} unexpected; first: "
-            f"{(missing or extra)[0]}); the download is incomplete or mixed: download the diff again"
-        )
+    _check_manifest_names(manifest, plan)
     for job in plan.jobs:
         result = manifest.tensors[job.name].result
         if result.dtype != dtype_name(job.out_dtype) or result.shape != list(job.out_shape):
