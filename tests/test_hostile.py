@@ -919,6 +919,35 @@ def test_the_output_directory_is_fsynced_after_each_rename(pair, made_diff, tmp_
     assert events[-1] == ("fsync", str(out))
 
 
+def test_a_compact_diff_and_its_recovery_fsync_the_directory_before_the_next_rename(pair, tmp_path, monkeypatch):
+    raw, tuned = pair
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, **kwargs):
+        events.append(("rename", str(Path(dst).parent)))
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    diff, out = tmp_path / "diff", tmp_path / "out"
+    made = run("make-diff", "--path_raw", raw, "--path_tuned", tuned, "--path_diff", diff, "--format", "compact", "-q")
+    assert made.exit_code == 0, made.output
+    recovered = run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", out, "-q")
+    assert recovered.exit_code == 0, recovered.output
+    for directory in (diff, out):
+        renames = [i for i, event in enumerate(events) if event == ("rename", str(directory))]
+        assert len(renames) >= 3
+        for index in renames:  # each rename is made durable before anything else is renamed into place
+            following = events[index + 1 :]
+            next_rename = next((i for i, event in enumerate(following) if event[0] == "rename"), len(following))
+            assert ("fsync", str(directory)) in following[:next_rename], events[index:]
+
+
 def test_a_name_with_control_characters_stays_on_one_line_and_drives_no_terminal(tmp_path):
     name = "evil\nname\x1b[31m"
     (tmp_path / "model.safetensors").write_bytes(

@@ -40,7 +40,7 @@ import torch
 from .checkpoint import DIRECT_ALIGN, TensorInfo
 from .errors import DiskFullError, IntegrityError
 from .untrusted import load_json
-from .writer import FILE_MODE, PARTIAL_SUFFIX
+from .writer import FILE_MODE, PARTIAL_SUFFIX, fsync_directory
 
 MAGIC = b"WDCOMPCT"
 FORMAT = "weight-diff-compact"
@@ -130,6 +130,7 @@ class ContainerWriter:
         os.close(self._fd)
         self._fd = -1
         os.replace(self.partial, self.path)
+        fsync_directory(self.path.parent)  # the rename itself survives a power cut, as for every shard
 
     def _write(self, data: bytes) -> None:
         self.sha256.update(data)

@@ -30,7 +30,7 @@ import numpy
 from .errors import IntegrityError, UsageError
 from .files import CONFIG_NAME, write_atomic
 from .manifest import SUMS_NAME, format_sums
-from .writer import FILE_MODE, PARTIAL_SUFFIX
+from .writer import FILE_MODE, PARTIAL_SUFFIX, fsync_directory
 
 CHUNK = 16 * 2**20
 BELLE_CHUNK = 10 * 2**20  # decrypt.py's data and key chunk: the keystream depends on it
@@ -242,6 +242,7 @@ def _write_one(
             written.flush()
             os.fdatasync(written.fileno())
         os.replace(partial, target)
+        fsync_directory(target.parent)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
