@@ -1,6 +1,8 @@
 """Compact diffs: the tuned model back bit for bit in its own dtype, damaged blocks named, verify, resume."""
 
+import errno
 import json
+import os
 import shutil
 import struct
 
@@ -10,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from conftest import snapshot
-from weight_diff import codec, output
+from weight_diff import codec, output, writer
 from weight_diff.cli import main
 from weight_diff.jobs import make_diff, recover
 from weight_diff.verify import verify
@@ -188,6 +190,42 @@ def test_make_diff_and_recover_resume_to_the_identical_result(build_pair, tmp_pa
     report = recover(raw, diff, out, max_shard_size="60KB", resume=True)
     assert report.resumed_shards >= 2 and report.verified
     assert_bit_identical(plain_tensors(out), plain_tensors(tuned))
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
+def test_a_disk_filling_up_during_compact_make_diff_stops_cleanly_and_resume_finishes(
+    build_pair, tmp_path, monkeypatch, direct
+):
+    raw, tuned = build_pair(tuned_dtype=torch.bfloat16)
+    make_diff(raw, tuned, tmp_path / "reference", diff_format="compact", max_shard_size="60KB")
+    if not direct:  # a file system without O_DIRECT: every .wdc is written buffered
+        real_open = os.open
+        monkeypatch.setattr(writer.os, "open", lambda path, flags, mode=0o777: real_open(
+            path, flags & ~getattr(os, "O_DIRECT", 0), mode))  # fmt: skip
+    budget = {"left": 20_000}  # of about 50 KB
+    real_write = os.write
+
+    def filling_write(fd, data):  # the disk fills while a .wdc file is written
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".wdc.partial"):
+            if budget["left"] <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            budget["left"] -= len(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer.os, "write", filling_write)
+    diff = tmp_path / "diff"
+    result = run("make-diff", "--format", "compact", "--path_raw", raw, "--path_tuned", tuned, "--path_diff", diff,
+                 "--max-shard-size", "60KB", "--quiet")  # fmt: skip
+    assert result.exit_code == 1 and "disk full while writing diff-" in result.output, result.output
+    assert "Traceback" not in result.output and not list(diff.glob("*.partial"))
+    kept = sorted(diff.glob("*.wdc"))
+    assert kept and len(kept) < len(list((tmp_path / "reference").glob("*.wdc")))
+
+    monkeypatch.setattr(writer.os, "write", real_write)  # space freed
+    resumed = run("make-diff", "--format", "compact", "--path_raw", raw, "--path_tuned", tuned, "--path_diff", diff,
+                  "--max-shard-size", "60KB", "--quiet", "--resume")  # fmt: skip
+    assert resumed.exit_code == 0, resumed.output
+    assert snapshot(diff) == snapshot(tmp_path / "reference")
 
 
 def test_the_cli_makes_a_compact_diff_and_recover_detects_it(build_pair, tmp_path):

@@ -40,7 +40,7 @@ import torch
 from .checkpoint import DIRECT_ALIGN, TensorInfo
 from .errors import DiskFullError, IntegrityError
 from .untrusted import load_json
-from .writer import FILE_MODE, PARTIAL_SUFFIX, fsync_directory
+from .writer import PARTIAL_SUFFIX, StagedFile, fsync_directory
 
 MAGIC = b"WDCOMPCT"
 FORMAT = "weight-diff-compact"
@@ -94,10 +94,9 @@ class ContainerWriter:
         self._codec = codec
         self._tensors: dict[str, dict] = {}
         self._blocks: list[list[int]] = []
-        self._fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-        self._offset = 0
         self.sha256 = hashlib.sha256()  # of the whole file, for SHA256SUMS, as it is written
-        os.fchmod(self._fd, FILE_MODE)
+        self._failure: Exception | None = None  # once a write failed, every later call raises it (blocks queued)
+        self._file = StagedFile(self.partial)  # O_DIRECT where allowed: buffered writes cost a core of kernel time
         self._write(MAGIC)
 
     def begin_tensor(
@@ -115,48 +114,45 @@ class ContainerWriter:
 
     def add_block(self, start: int, stop: int, payload: bytes) -> None:
         """Append the payload of rows ``start:stop`` of the current tensor."""
-        self._blocks.append([start, stop, self._offset, len(payload)])
+        self._blocks.append([start, stop, self._file.written, len(payload)])
         self._write(payload)
 
     def finish(self) -> None:
         """Write the index and trailer, flush to disk, and give the file its final name."""
+        if self._failure is not None:
+            raise self._failure
         index = {"format": FORMAT, "version": VERSION, "codec": self._codec, "tensors": self._tensors}
         body = json.dumps(index, separators=(",", ":")).encode()
         self._write(body + _TRAILER.pack(len(body), MAGIC))
         try:
-            os.fdatasync(self._fd)
+            self._file.finish()
         except OSError as exc:
             raise self._fail(exc) from None
-        os.close(self._fd)
-        self._fd = -1
         os.replace(self.partial, self.path)
         fsync_directory(self.path.parent)  # the rename itself survives a power cut, as for every shard
 
     def _write(self, data: bytes) -> None:
+        if self._failure is not None:
+            raise self._failure
         self.sha256.update(data)
-        view = memoryview(data)
         try:
-            while view:
-                done = os.write(self._fd, view)
-                view = view[done:]
-                self._offset += done
+            self._file.write(data)
         except OSError as exc:
             raise self._fail(exc) from None
 
     def _fail(self, exc: OSError) -> Exception:
         self.abort()
+        self._failure = exc
         if exc.errno == errno.ENOSPC:
-            return DiskFullError(
+            self._failure = DiskFullError(
                 f"{self.path.parent}: disk full while writing {self.path.name}; the unfinished file was removed. "
                 "Free space and run again with --resume"
             )
-        return exc
+        return self._failure
 
     def abort(self) -> None:
         """Close and remove the unfinished file; safe to call twice."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._file.close()
         self.partial.unlink(missing_ok=True)
 
 

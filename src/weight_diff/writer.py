@@ -69,47 +69,34 @@ def _open_for_writing(path: Path, direct: bool) -> tuple[int, bool]:
     return os.open(path, flags, FILE_MODE), False
 
 
-class ShardWriter:
-    """Writes one shard under a temporary name and renames it when complete (the caller hashes the bytes)."""
+class StagedFile:
+    """A new file written front to back: through ``O_DIRECT`` and a reused page-aligned staging buffer where the
+    file system allows it, else buffered (with a flush every ``SYNC_EVERY`` bytes). Raises plain OSError; callers
+    say what failed. ``finish`` pads the last direct write to the alignment, cuts the padding and syncs."""
 
-    def __init__(self, directory: Path, shard: ShardPlan, *, direct: bool = True) -> None:
-        self.path = directory / shard.file_name
-        self.partial = directory / (shard.file_name + PARTIAL_SUFFIX)
-        self.header = safetensors_header(shard)
-        self.expected = len(self.header) + shard.nbytes
+    def __init__(self, path: Path, *, direct: bool = True) -> None:
+        self.path = path
         self.written = 0  # bytes accepted, staged or on disk
         self._unsynced = 0
         self._on_disk = 0  # bytes that reached the file
-        self._failure: Exception | None = None
-        self._fd, self.direct = _open_for_writing(self.partial, direct)
+        self._fd, self.direct = _open_for_writing(path, direct)
         self._staging = mmap.mmap(-1, STAGING_BYTES) if self.direct else None  # anonymous maps are page-aligned
         self._staged = 0
         try:
             os.fchmod(self._fd, FILE_MODE)
-            self.write(self.header)
         except BaseException:
-            self.abort()
+            self.close()
             raise
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append bytes to the shard; ENOSPC becomes a DiskFullError after the partial file is removed.
-
-        Once a write has failed, every later one raises that same error: blocks still queued behind it must not
-        hide the cause behind a closed file descriptor.
-        """
-        if self._failure is not None:
-            raise self._failure
         view = memoryview(data).cast("B")
-        try:
-            if self.direct:
-                self._stage(view)
-            else:
-                self._write_all(view)
-                if self._unsynced >= SYNC_EVERY:
-                    os.fdatasync(self._fd)
-                    self._unsynced = 0
-        except OSError as exc:
-            raise self._fail(exc) from None
+        if self.direct:
+            self._stage(view)
+        else:
+            self._write_all(view)
+            if self._unsynced >= SYNC_EVERY:
+                os.fdatasync(self._fd)
+                self._unsynced = 0
         self.written += len(view)
 
     def _stage(self, view: memoryview) -> None:
@@ -124,13 +111,13 @@ class ShardWriter:
 
     def _flush_staging(self, view: memoryview) -> None:
         """Write staged, aligned bytes; a file system that accepted O_DIRECT at open but refuses the write
-        (EINVAL: a larger block size, say) gets the rest of the shard buffered."""
+        (EINVAL: a larger block size, say) gets the rest of the file buffered."""
         try:
             self._write_all(view)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            buffered = os.open(self.partial, os.O_WRONLY)
+            buffered = os.open(self.path, os.O_WRONLY)
             os.lseek(buffered, self._on_disk, os.SEEK_SET)
             os.close(self._fd)
             self._fd, self.direct = buffered, False
@@ -144,6 +131,66 @@ class ShardWriter:
             self._on_disk += done
 
     def finish(self) -> None:
+        """Write what is staged, flush the file to disk and close it."""
+        if self._staged and not self.direct:  # O_DIRECT was given up midway: the rest goes out as it is
+            self._write_all(memoryview(self._staging)[: self._staged])
+        elif self._staged:
+            # The last block goes out padded to the alignment; the padding is then cut off.
+            padded = -(-self._staged // DIRECT_ALIGN) * DIRECT_ALIGN
+            self._staging[self._staged : padded] = bytes(padded - self._staged)
+            self._flush_staging(memoryview(self._staging)[:padded])
+            os.ftruncate(self._fd, self.written)
+        self._staged = 0
+        os.fdatasync(self._fd)
+        self.close()
+
+    def close(self) -> None:
+        """Close the file (kept on disk); safe to call twice."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        # Dropped, not closed: a view of it may still live in a traceback; the map goes with the last reference.
+        self._staging = None
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name and renames it when complete (the caller hashes the bytes)."""
+
+    def __init__(self, directory: Path, shard: ShardPlan, *, direct: bool = True) -> None:
+        self.path = directory / shard.file_name
+        self.partial = directory / (shard.file_name + PARTIAL_SUFFIX)
+        self.header = safetensors_header(shard)
+        self.expected = len(self.header) + shard.nbytes
+        self._failure: Exception | None = None
+        self._file = StagedFile(self.partial, direct=direct)
+        try:
+            self.write(self.header)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def direct(self) -> bool:
+        return self._file.direct
+
+    @property
+    def written(self) -> int:
+        return self._file.written
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes to the shard; ENOSPC becomes a DiskFullError after the partial file is removed.
+
+        Once a write has failed, every later one raises that same error: blocks still queued behind it must not
+        hide the cause behind a closed file descriptor.
+        """
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def finish(self) -> None:
         """Flush the complete shard to disk and give it its final name."""
         if self._failure is not None:
             raise self._failure
@@ -151,20 +198,9 @@ class ShardWriter:
             self.abort()
             raise RuntimeError(f"{self.path.name}: wrote {self.written} bytes, planned {self.expected}")
         try:
-            if self._staged and not self.direct:  # O_DIRECT was given up midway: the rest goes out as it is
-                self._write_all(memoryview(self._staging)[: self._staged])
-            elif self._staged:
-                # The last block goes out padded to the alignment; the padding is then cut off.
-                padded = -(-self._staged // DIRECT_ALIGN) * DIRECT_ALIGN
-                self._staging[self._staged : padded] = bytes(padded - self._staged)
-                self._flush_staging(memoryview(self._staging)[:padded])
-                os.ftruncate(self._fd, self.expected)
-            os.fdatasync(self._fd)
+            self._file.finish()
         except OSError as exc:
             raise self._fail(exc) from None
-        os.close(self._fd)
-        self._fd = -1
-        self._release_staging()
         os.replace(self.partial, self.path)
         fsync_directory(self.path.parent)
 
@@ -179,14 +215,7 @@ class ShardWriter:
             self._failure = exc
         return self._failure
 
-    def _release_staging(self) -> None:
-        # Dropped, not closed: a view of it may still live in a traceback; the map goes with the last reference.
-        self._staging = None
-
     def abort(self) -> None:
         """Close and remove the unfinished file; safe to call twice."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._release_staging()
+        self._file.close()
         self.partial.unlink(missing_ok=True)
