@@ -1,13 +1,16 @@
 """Compact diffs: the tuned model back bit for bit in its own dtype, damaged blocks named, verify, resume."""
 
 import errno
+import hashlib
 import json
 import os
 import shutil
 import struct
 
+import numpy as np
 import pytest
 import torch
+import zstandard
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
@@ -97,7 +100,7 @@ def test_the_container_index_lists_with_plain_python(compact_pairs):
         data = path.read_bytes()
         length, magic = struct.unpack("<Q8s", data[-16:])
         index = json.loads(data[-16 - length : -16])
-        assert data[:8] == magic == b"WDCOMPCT" and index["format"] == "weight-diff-compact" and index["version"] == 1
+        assert data[:8] == magic == b"WDCOMPCT" and index["format"] == "weight-diff-compact" and index["version"] == 2
         for name, entry in index["tensors"].items():
             names.add(name)
             rows = [block[:2] for block in entry["blocks"]]
@@ -243,16 +246,106 @@ def test_the_cli_makes_a_compact_diff_and_recover_detects_it(build_pair, tmp_pat
     assert refused.exit_code == 2 and "in its own dtype; omit --dtype" in refused.output
 
 
-def test_bytes_are_grouped_by_significance_highest_first():
-    values = torch.tensor([0x1234, 0xABCD - 0x10000], dtype=torch.int16)  # little-endian: 34 12, CD AB
-    grouped = codec.group_bytes(values, torch.empty(4, dtype=torch.uint8))
-    assert grouped.tolist() == [0x12, 0xAB, 0x34, 0xCD]
-    back = codec.ungroup_bytes(grouped, torch.empty(2, dtype=torch.int16))
-    assert torch.equal(back, values)
+def test_a_block_is_split_into_bitmap_top_second_and_low_bytes():
+    # int16, little-endian: 34 12 | CD 00 | CD AB. Values 0 and 2 have a non-zero highest byte.
+    values = torch.tensor([0x1234, 0x00CD, 0xABCD - 0x10000], dtype=torch.int16)
+    sections = codec.split_residual(values, torch.empty(16, dtype=torch.uint8))
+    assert sections.tolist() == [0b10100000, 0x12, 0xAB, 0x34, 0xCD, 0xCD]
+    assert torch.equal(codec.join_residual(sections, torch.empty(3, dtype=torch.int16)), values)
+    wide = torch.tensor([0x12345678, 0x000B0C0D], dtype=torch.int32)  # low 16 bits kept as stored: 78 56, 0D 0C
+    sections = codec.split_residual(wide, torch.empty(16, dtype=torch.uint8))
+    assert sections.tolist() == [0b10000000, 0x12, 0x34, 0x0B, 0x78, 0x56, 0x0D, 0x0C]
+    assert torch.equal(codec.join_residual(sections, torch.empty(2, dtype=torch.int32)), wide)
+    with pytest.raises(codec.BlockError, match="decodes to 7 bytes, expected 8"):
+        codec.join_residual(sections[:7], torch.empty(2, dtype=torch.int32))
+    with pytest.raises(codec.BlockError, match="past the block's end"):  # a padding bit set
+        codec.join_residual(np.array([0b10100000, 0x12, 0xAB, 0x34, 0x0B, 0x78, 0x56, 0x0D, 0x0C], dtype=np.uint8),
+                            torch.empty(2, dtype=torch.int32))  # fmt: skip
+
+
+def test_version_1_byte_planes_are_still_read():
+    values = torch.tensor([0x1234, 0xABCD - 0x10000], dtype=torch.int16)
+    planes = torch.tensor([0x12, 0xAB, 0x34, 0xCD], dtype=torch.uint8)  # every highest byte, then every low byte
+    assert torch.equal(codec.ungroup_bytes(planes, torch.empty(2, dtype=torch.int16)), values)
     wide = torch.tensor([0x12345678, 0x0A0B0C0D], dtype=torch.int32)
-    grouped = codec.group_bytes(wide, torch.empty(8, dtype=torch.uint8))
-    assert grouped.tolist() == [0x12, 0x0A, 0x34, 0x0B, 0x56, 0x0C, 0x78, 0x0D]
-    assert torch.equal(codec.ungroup_bytes(grouped, torch.empty(2, dtype=torch.int32)), wide)
+    planes = torch.tensor([0x12, 0x0A, 0x34, 0x0B, 0x56, 0x0C, 0x78, 0x0D], dtype=torch.uint8)
+    assert torch.equal(codec.ungroup_bytes(planes, torch.empty(2, dtype=torch.int32)), wide)
+
+
+def _residual(tuned, raw, rows):
+    """tuned's bits XOR raw's bits cast to tuned's dtype, for raw's rows; tuned's bits after: plain torch."""
+    bits = {2: torch.int16, 4: torch.int32}[tuned.dtype.itemsize]
+    residual = tuned.view(bits).clone()
+    if raw is not None:
+        residual[:rows] ^= raw.to(tuned.dtype).view(bits)
+    return residual
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_block_decodes_with_plain_zstd_to_the_documented_sections(compact_pairs, dtype):
+    raw, tuned, diff = compact_pairs[dtype]
+    raw_tensors, tuned_tensors = plain_tensors(raw), plain_tensors(tuned)
+    seen = 0
+    for path in sorted(diff.glob("*.wdc")):
+        data = path.read_bytes()
+        length = struct.unpack("<Q", data[-16:-8])[0]
+        for name, entry in json.loads(data[-16 - length : -16])["tensors"].items():
+            residual = _residual(tuned_tensors[name], raw_tensors.get(name), entry["raw_rows"])
+            width = residual.dtype.itemsize
+            for start, stop, offset, size in entry["blocks"]:
+                frame = zstandard.ZstdDecompressor().decompress(data[offset : offset + size])
+                values = [int(v) & (1 << 8 * width) - 1 for v in residual[start:stop].reshape(-1).tolist()]
+                tops = [v >> 8 * (width - 1) for v in values]
+                bitmap = bytearray((len(values) + 7) // 8)
+                for i, top in enumerate(tops):
+                    bitmap[i // 8] |= (top != 0) << (7 - i % 8)
+                expected = bytes(bitmap) + bytes(t for t in tops if t)
+                expected += bytes(v >> 8 * (width - 2) & 0xFF for v in values)
+                expected += b"".join((v & (1 << 8 * (width - 2)) - 1).to_bytes(width - 2, "little") for v in values)
+                assert frame == expected, (name, start)
+                seen += 1
+    assert seen >= 21
+
+
+def _rewrite_as_version_1(diff, raw, tuned):
+    """Re-encode every .wdc of ``diff`` in version 1's layout (byte planes, highest first), with plain numpy and
+    zstd, and update its SHA256SUMS: a diff as weight-diff 0.2.0 wrote it."""
+    raw_tensors, tuned_tensors = plain_tensors(raw), plain_tensors(tuned)
+    sums = (diff / "SHA256SUMS").read_text()
+    for path in sorted(diff.glob("*.wdc")):
+        data = path.read_bytes()
+        length = struct.unpack("<Q", data[-16:-8])[0]
+        index = json.loads(data[-16 - length : -16])
+        out = bytearray(b"WDCOMPCT")
+        for name, entry in index["tensors"].items():
+            residual = _residual(tuned_tensors[name], raw_tensors.get(name), entry["raw_rows"])
+            blocks = []
+            for start, stop, _, _ in entry["blocks"]:
+                width = residual.dtype.itemsize
+                planes = residual[start:stop].reshape(-1).numpy().view(np.uint8).reshape(-1, width)[:, ::-1].T
+                frame = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(planes.tobytes())
+                blocks.append([start, stop, len(out), len(frame)])
+                out += frame
+            entry["blocks"] = blocks
+        index["version"] = 1
+        body = json.dumps(index).encode()
+        out += body + struct.pack("<Q8s", len(body), b"WDCOMPCT")
+        sums = sums.replace(hashlib.sha256(data).hexdigest(), hashlib.sha256(out).hexdigest())
+        path.write_bytes(bytes(out))
+    (diff / "SHA256SUMS").write_text(sums)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_version_1_diff_still_recovers_bit_for_bit(compact_pairs, copy_dir, dtype, tmp_path):
+    raw, tuned, diff = compact_pairs[dtype]
+    old = copy_dir(diff, "v1")
+    _rewrite_as_version_1(old, raw, tuned)
+    result = run("recover", "--path_raw", raw, "--path_diff", old, "--path_tuned", tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "verified: 21 tensors match the publisher's manifest" in result.output
+    assert_bit_identical(plain_tensors(tmp_path / "out"), plain_tensors(tuned))
+    checked = run("verify", old)
+    assert checked.exit_code == 0, checked.output
 
 
 def test_inspect_reports_a_compact_diff_and_the_base_it_expects(compact_pairs):

@@ -38,7 +38,8 @@ WORKERS = 2  # the machines this is made for have two cores
 RING_DEPTH = 6  # blocks in flight: read ahead, two in the codec, one being hashed, writes queued
 CODEC = {
     "transform": "xor: tuned bits XOR bits of raw cast to the tuned dtype (round to nearest even); 0 where no raw",
-    "bytes": "grouped by significance per block: every value's highest byte, then the next, down to the lowest",
+    "bytes": "split by significance per block: a bitmap of the values whose highest byte is not zero, those highest "
+    "bytes, every value's second-highest byte, then the remaining low bytes of every value as stored",
     "compressor": "zstd",
     "level": DEFAULT_LEVEL,
     "checksum": "zstd content checksum (XXH64 of the decoded block) in every frame",
@@ -280,7 +281,7 @@ class CompactStream:
             count = block.numel * block.job.out_dtype.itemsize
             out = buffers.other[:count].view(block.job.out_dtype).view(block.shape)
             try:
-                values = self._codec(BlockDecoder).decode(payload, raw, out)
+                values = self._codec(BlockDecoder).decode(payload, raw, out, entry.version)
             except BlockError as exc:
                 stored = entry.blocks[block.index]
                 raise IntegrityError(
@@ -305,10 +306,6 @@ class CompactStream:
         writer = ShardWriter(self.out_dir, shard)
         file_hash = hashlib.sha256(writer.header)
 
-        def write(data: memoryview) -> None:
-            file_hash.update(data)
-            writer.write(data)
-
         try:
             result, nonfinite = hashlib.sha256(), False
             for block, buffers, (values, odd) in self._in_order(lanes, read, work, _stored_blocks(shard)):
@@ -317,7 +314,8 @@ class CompactStream:
                 data = tensor_bytes(values)
                 result.update(data)
                 nonfinite = nonfinite or odd
-                buffers.pending.append(lanes.write.submit(write, data))
+                # Hashed and written on lanes of their own: a write waits on the disk, the hash need not wait.
+                buffers.pending += [lanes.hash.submit(file_hash.update, data), lanes.write.submit(writer.write, data)]
                 self.progress(len(data))
                 if block.stop == block.job.rows:
                     on_tensor(block.job, _record(block.job, result), nonfinite)
@@ -350,12 +348,13 @@ class CompactStream:
             codec=ThreadPoolExecutor(
                 WORKERS, thread_name_prefix="weight-diff-codec", initializer=torch.set_num_threads, initargs=(1,)
             ),
+            hash=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-hash"),
             write=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-write"),
         )
         try:
             yield lanes
         finally:
-            for lane in (lanes.read, lanes.codec, lanes.write):
+            for lane in (lanes.read, lanes.codec, lanes.hash, lanes.write):
                 lane.shutdown(wait=True, cancel_futures=True)
 
     def _drain(self) -> None:
@@ -391,6 +390,7 @@ class CompactStream:
 class _Lanes:
     read: ThreadPoolExecutor
     codec: ThreadPoolExecutor
+    hash: ThreadPoolExecutor
     write: ThreadPoolExecutor
 
 
@@ -412,7 +412,8 @@ def check_blocks(path: Path) -> Iterator[tuple[str, str]]:
                 if buffer.numel() < nbytes:
                     buffer = torch.empty(nbytes, dtype=torch.uint8)
                 try:
-                    decoder.decode(reader.read_block(block), None, buffer[:nbytes].view(entry.dtype).view(shape))
+                    out = buffer[:nbytes].view(entry.dtype).view(shape)
+                    decoder.decode(reader.read_block(block), None, out, entry.version)
                 except BlockError as exc:
                     where = f"rows {block.start}:{block.stop}, offset {block.offset}"
                     problem = f"block {index} ({where}) is damaged: {exc}"

@@ -1,6 +1,7 @@
 """The compact diff's file: per-block payloads streamed to disk, then an index that tools can list.
 
-Layout of a ``.wdc`` file (version 1), all integers little-endian::
+Layout of a ``.wdc`` file (versions 1 and 2 differ only in how a block's bytes are laid out, codec.py), all
+integers little-endian::
 
     b"WDCOMPCT"                       8 bytes, magic
     payload, payload, ...             one zstd frame per block of rows (see codec.py), back to back
@@ -11,7 +12,7 @@ Layout of a ``.wdc`` file (version 1), all integers little-endian::
 The index sits at the end, as in zip and Parquet, because compressed sizes are known only once a block is
 written: the writer streams and never holds more than a block. A reader takes the last 16 bytes, then the JSON::
 
-    {"format": "weight-diff-compact", "version": 1,
+    {"format": "weight-diff-compact", "version": 2,
      "codec": {"transform": "xor", ...},
      "tensors": {"model.embed_tokens.weight": {
          "dtype": "bfloat16", "shape": [32001, 5120], "raw_dtype": "float16", "raw_rows": 32000,
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from . import codec
 from .checkpoint import DIRECT_ALIGN, TensorInfo
 from .errors import DiskFullError, IntegrityError
 from .untrusted import load_json
@@ -44,7 +46,8 @@ from .writer import PARTIAL_SUFFIX, StagedFile, fsync_directory
 
 MAGIC = b"WDCOMPCT"
 FORMAT = "weight-diff-compact"
-VERSION = 1
+VERSION = codec.VERSION  # written; every version in READS is read
+READS = (1, 2)
 SUFFIX = ".wdc"
 _TRAILER = struct.Struct("<Q8s")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -71,6 +74,7 @@ class CompactTensor:
     raw_rows: int
     blocks: tuple[Block, ...]
     file: Path
+    version: int  # the file's format version: how its blocks are laid out (codec.py)
 
     @property
     def rows(self) -> int:
@@ -183,10 +187,11 @@ class ContainerReader:
                               error=IntegrityError)  # fmt: skip
             if not isinstance(index, dict) or index.get("format") != FORMAT:
                 raise ValueError("not a weight-diff compact index")
-            if index.get("version") != VERSION:
+            version = index.get("version")
+            if version not in READS or isinstance(version, bool):
                 raise IntegrityError(
-                    f"{self.path}: compact format version {index.get('version')}; this weight-diff reads version "
-                    f"{VERSION}: upgrade weight-diff"
+                    f"{self.path}: compact format version {str(version)[:20]}; this weight-diff reads versions "
+                    f"{', '.join(map(str, READS))}: upgrade weight-diff"
                 )
             tensors = {}
             for name, body in index["tensors"].items():
@@ -202,6 +207,7 @@ class ContainerReader:
                     raw_rows=int(body["raw_rows"]),
                     blocks=blocks,
                     file=self.path,
+                    version=version,
                 )
             return index["codec"], tensors
         except (ValueError, KeyError, TypeError) as exc:
