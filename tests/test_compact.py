@@ -249,12 +249,12 @@ def test_the_cli_makes_a_compact_diff_and_recover_detects_it(build_pair, tmp_pat
 def test_a_block_is_split_into_bitmap_top_second_and_low_bytes():
     # int16, little-endian: 34 12 | CD 00 | CD AB. Values 0 and 2 have a non-zero highest byte.
     values = torch.tensor([0x1234, 0x00CD, 0xABCD - 0x10000], dtype=torch.int16)
-    sections = codec.split_residual(values, torch.empty(16, dtype=torch.uint8))
-    assert sections.tolist() == [0b10100000, 0x12, 0xAB, 0x34, 0xCD, 0xCD]
+    sections, sparse_end = codec.split_residual(values, torch.empty(16, dtype=torch.uint8))
+    assert sections.tolist() == [0b10100000, 0x12, 0xAB, 0x34, 0xCD, 0xCD] and sparse_end == 3
     assert torch.equal(codec.join_residual(sections, torch.empty(3, dtype=torch.int16)), values)
     wide = torch.tensor([0x12345678, 0x000B0C0D], dtype=torch.int32)  # low 16 bits kept as stored: 78 56, 0D 0C
-    sections = codec.split_residual(wide, torch.empty(16, dtype=torch.uint8))
-    assert sections.tolist() == [0b10000000, 0x12, 0x34, 0x0B, 0x78, 0x56, 0x0D, 0x0C]
+    sections, sparse_end = codec.split_residual(wide, torch.empty(16, dtype=torch.uint8))
+    assert sections.tolist() == [0b10000000, 0x12, 0x34, 0x0B, 0x78, 0x56, 0x0D, 0x0C] and sparse_end == 2
     assert torch.equal(codec.join_residual(sections, torch.empty(2, dtype=torch.int32)), wide)
     with pytest.raises(codec.BlockError, match="decodes to 7 bytes, expected 8"):
         codec.join_residual(sections[:7], torch.empty(2, dtype=torch.int32))
@@ -282,7 +282,7 @@ def _residual(tuned, raw, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_every_block_decodes_with_plain_zstd_to_the_documented_sections(compact_pairs, dtype):
+def test_every_block_is_two_plain_zstd_frames_holding_the_documented_sections(compact_pairs, dtype):
     raw, tuned, diff = compact_pairs[dtype]
     raw_tensors, tuned_tensors = plain_tensors(raw), plain_tensors(tuned)
     seen = 0
@@ -293,16 +293,18 @@ def test_every_block_decodes_with_plain_zstd_to_the_documented_sections(compact_
             residual = _residual(tuned_tensors[name], raw_tensors.get(name), entry["raw_rows"])
             width = residual.dtype.itemsize
             for start, stop, offset, size in entry["blocks"]:
-                frame = zstandard.ZstdDecompressor().decompress(data[offset : offset + size])
+                first = zstandard.ZstdDecompressor().decompressobj()
+                sparse = first.decompress(data[offset : offset + size])
+                dense = zstandard.ZstdDecompressor().decompress(first.unused_data)  # the second and last frame
                 values = [int(v) & (1 << 8 * width) - 1 for v in residual[start:stop].reshape(-1).tolist()]
                 tops = [v >> 8 * (width - 1) for v in values]
                 bitmap = bytearray((len(values) + 7) // 8)
                 for i, top in enumerate(tops):
                     bitmap[i // 8] |= (top != 0) << (7 - i % 8)
-                expected = bytes(bitmap) + bytes(t for t in tops if t)
-                expected += bytes(v >> 8 * (width - 2) & 0xFF for v in values)
+                assert sparse == bytes(bitmap) + bytes(t for t in tops if t), (name, start)
+                expected = bytes(v >> 8 * (width - 2) & 0xFF for v in values)
                 expected += b"".join((v & (1 << 8 * (width - 2)) - 1).to_bytes(width - 2, "little") for v in values)
-                assert frame == expected, (name, start)
+                assert dense == expected, (name, start)
                 seen += 1
     assert seen >= 21
 

@@ -25,7 +25,7 @@ import torch
 
 from .arithmetic import finite_range
 from .checkpoint import DIRECT_ALIGN, FLOAT_DTYPES, Checkpoint, TensorInfo, aligned_bytes
-from .codec import DEFAULT_LEVEL, BlockDecoder, BlockEncoder, BlockError
+from .codec import DENSE_PARAMETERS, SPARSE_PARAMETERS, BlockDecoder, BlockEncoder, BlockError
 from .container import SUFFIX, CompactTensor, ContainerReader, ContainerWriter, compact_files
 from .errors import IntegrityError, PlanError, UsageError
 from .manifest import Digest, TensorRecord, dtype_name, tensor_bytes
@@ -33,16 +33,17 @@ from .plan import Plan, ShardPlan, plan_pairs, plan_shards
 from .sizes import parse_size
 from .writer import ShardWriter
 
-BLOCK_ELEMENTS = 4 * 2**20  # measured: 1M to 16M values per block compress alike; 4M keeps the ring small
+BLOCK_ELEMENTS = 2 * 2**20  # measured: 1M to 16M values per block compress alike; 2M runs 5-10% faster than 4M (cache)
 WORKERS = 2  # the machines this is made for have two cores
-RING_DEPTH = 6  # blocks in flight: read ahead, two in the codec, one being hashed, writes queued
+RING_DEPTH = 10  # blocks in flight: read ahead, two in the codec, one being hashed, writes queued
 CODEC = {
     "transform": "xor: tuned bits XOR bits of raw cast to the tuned dtype (round to nearest even); 0 where no raw",
     "bytes": "split by significance per block: a bitmap of the values whose highest byte is not zero, those highest "
     "bytes, every value's second-highest byte, then the remaining low bytes of every value as stored",
     "compressor": "zstd",
-    "level": DEFAULT_LEVEL,
-    "checksum": "zstd content checksum (XXH64 of the decoded block) in every frame",
+    "frames": "two per block: the bitmap and highest bytes, then the rest",
+    "parameters": [SPARSE_PARAMETERS, DENSE_PARAMETERS],
+    "checksum": "zstd content checksum (XXH64 of the frame's decoded bytes) in every frame",
 }
 
 
@@ -194,8 +195,14 @@ class _Buffers:
 
 
 def _nonfinite(values: torch.Tensor) -> bool:
-    """Whether a block of tuned values holds NaN or Inf, found as the float32 path finds it (on a codec lane)."""
-    return values.is_floating_point() and finite_range(values) is None
+    """Whether a block of tuned values holds NaN or Inf, found as the float32 path finds it (on a codec lane).
+
+    A sum in the values' dtype is finite when every value is (2x faster than ``aminmax`` on bfloat16); only a sum
+    that overflowed, or a block that really holds NaN or Inf, takes the exact look.
+    """
+    if not values.is_floating_point() or bool(torch.isfinite(values.sum())):
+        return False
+    return finite_range(values) is None
 
 
 def _record(job: CompactJob, result: hashlib._Hash) -> TensorRecord:
