@@ -424,3 +424,22 @@ def test_a_damaged_container_index_is_one_clear_refusal(compact_pairs, tmp_path,
     path.write_bytes(data[: -16 - length] + index + struct.pack("<Q8s", len(index), b"WDCOMPCT"))
     with pytest.raises(IntegrityError, match=r"diff\.wdc: its index is damaged.* \(.*\); download it again$"):
         ContainerReader(path)
+
+
+@pytest.mark.parametrize("version", [3, True, "2"], ids=["newer", "bool", "string"])
+def test_a_compact_file_of_another_version_asks_for_an_upgrade(compact_pairs, copy_dir, tmp_path, version):
+    raw, _, diff = compact_pairs[torch.bfloat16]
+    diff = copy_dir(diff, "future")
+    path = sorted(diff.glob("*.wdc"))[0]
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[-16:-8])[0]
+    index = json.loads(data[-16 - length : -16])
+    index["version"] = version
+    body = json.dumps(index).encode()
+    path.write_bytes(data[: -16 - length] + body + struct.pack("<Q8s", len(body), b"WDCOMPCT"))
+    result = run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", tmp_path / "out")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{path.name}: compact format version {version}; this weight-diff reads versions 1, 2: upgrade" in (
+        result.output
+    )
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -4,7 +4,8 @@
 (codec.py), into ``.wdc`` files (container.py); ``recover`` undoes it and gets the tuned model back bit for bit,
 in its own dtype. Rows with no raw counterpart (added vocabulary rows, tensors the raw model lacks) are stored as
 they are. Blocks are encoded or decoded on a pool of threads (zstd and torch release the GIL) and consumed in
-order on the calling thread, which hashes and writes them; a ring of reused buffers keeps memory flat.
+order on the calling thread, which hashes the tuned values; files are hashed and written on lanes of their own.
+A ring of reused buffers keeps memory flat.
 
 >>> plan = plan_make(raw.tensors, tuned.tensors, max_shard_size="5GB")
 >>> CompactStream(plan, raw, out_dir, progress=bar.update).encode(tuned, skip=frozenset(), on_tensor=..., on_shard=...)
@@ -222,7 +223,8 @@ class CompactStream:
     values hold NaN or Inf) and ``on_shard(name, sha256)`` once a file is on disk under its name.
 
     Lanes: one thread reads blocks ahead (the disk is one device), ``WORKERS`` threads encode or decode them, the
-    calling thread hashes tuned values in order, and one thread writes (and, for recover, hashes the file).
+    calling thread hashes tuned values in order, one thread writes, and for recover one more hashes the output
+    file (apart from the writes, which wait on the disk).
     """
 
     def __init__(self, plan: Plan, raw: Checkpoint, out_dir: Path, *, progress: Callable[[int], None]) -> None:
