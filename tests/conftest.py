@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,6 +74,23 @@ def copy_dir(tmp_path):
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Return every file's bytes under a directory: inputs must be byte-for-byte unchanged after any run."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def fill_disk_after(monkeypatch, nbytes: int, *, files: str = "") -> Callable[[], None]:
+    """Make every ``os.write`` fail with ENOSPC once ``nbytes`` more have been written (only to open files whose
+    name ends with ``files``, when given); return the function that frees the space again."""
+    real_write = os.write
+    left = {"bytes": nbytes}
+
+    def filling_write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(files):
+            if left["bytes"] <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            left["bytes"] -= len(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", filling_write)
+    return lambda: monkeypatch.setattr(os, "write", real_write)
 
 
 def load_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -1,6 +1,5 @@
 """Compact diffs: the tuned model back bit for bit in its own dtype, damaged blocks named, verify, resume."""
 
-import errno
 import hashlib
 import json
 import os
@@ -14,7 +13,7 @@ import zstandard
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import snapshot
+from conftest import fill_disk_after, snapshot
 from weight_diff import codec, output, writer
 from weight_diff.cli import main
 from weight_diff.jobs import make_diff, recover
@@ -205,17 +204,7 @@ def test_a_disk_filling_up_during_compact_make_diff_stops_cleanly_and_resume_fin
         real_open = os.open
         monkeypatch.setattr(writer.os, "open", lambda path, flags, mode=0o777: real_open(
             path, flags & ~getattr(os, "O_DIRECT", 0), mode))  # fmt: skip
-    budget = {"left": 20_000}  # of about 50 KB
-    real_write = os.write
-
-    def filling_write(fd, data):  # the disk fills while a .wdc file is written
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".wdc.partial"):
-            if budget["left"] <= 0:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            budget["left"] -= len(data)
-        return real_write(fd, data)
-
-    monkeypatch.setattr(writer.os, "write", filling_write)
+    free_space = fill_disk_after(monkeypatch, 20_000, files=".wdc.partial")  # of about 50 KB of .wdc files
     diff = tmp_path / "diff"
     result = run("make-diff", "--format", "compact", "--path_raw", raw, "--path_tuned", tuned, "--path_diff", diff,
                  "--max-shard-size", "60KB", "--quiet")  # fmt: skip
@@ -224,7 +213,7 @@ def test_a_disk_filling_up_during_compact_make_diff_stops_cleanly_and_resume_fin
     kept = sorted(diff.glob("*.wdc"))
     assert kept and len(kept) < len(list((tmp_path / "reference").glob("*.wdc")))
 
-    monkeypatch.setattr(writer.os, "write", real_write)  # space freed
+    free_space()
     resumed = run("make-diff", "--format", "compact", "--path_raw", raw, "--path_tuned", tuned, "--path_diff", diff,
                   "--max-shard-size", "60KB", "--quiet", "--resume")  # fmt: skip
     assert resumed.exit_code == 0, resumed.output

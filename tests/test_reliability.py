@@ -1,6 +1,5 @@
 """Every bad input gets one clear line and an exit status; nothing half-written looks whole; inputs never change."""
 
-import errno
 import json
 import os
 import signal
@@ -12,8 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import load_tensors, snapshot
-from weight_diff import output, writer
+from conftest import fill_disk_after, load_tensors, snapshot
+from weight_diff import output
 from weight_diff.cli import main
 from weight_diff.jobs import recover
 from weight_diff.tiny_llama import save_checkpoint
@@ -178,16 +177,7 @@ def test_a_disk_filling_up_stops_cleanly_and_resume_finishes(pair, made_diff, tm
     raw, _ = pair
     reference = tmp_path / "reference"
     recover(raw, made_diff, reference, max_shard_size="100KB")
-    budget = {"left": 250_000}
-    real_write = os.write
-
-    def filling_write(fd, data):
-        if budget["left"] <= 0:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        budget["left"] -= len(data)
-        return real_write(fd, data)
-
-    monkeypatch.setattr(writer.os, "write", filling_write)
+    free_space = fill_disk_after(monkeypatch, 250_000)
     out = tmp_path / "out"
     result = recover_cli(raw, made_diff, out, "--max-shard-size", "100KB")
     assert result.exit_code == 1 and "disk full while writing " in result.output  # a shard or the journal
@@ -196,7 +186,7 @@ def test_a_disk_filling_up_stops_cleanly_and_resume_finishes(pair, made_diff, tm
     kept = sorted(p.name for p in out.glob("model-*.safetensors"))
     assert kept and len(kept) < len(list(reference.glob("model-*.safetensors")))
 
-    monkeypatch.setattr(writer.os, "write", real_write)  # space freed
+    free_space()
     resumed = recover_cli(raw, made_diff, out, "--max-shard-size", "100KB", "--resume")
     assert resumed.exit_code == 0, resumed.output
     # Shards journaled before the disk filled are kept (the journal itself may have missed the last one).
