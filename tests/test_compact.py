@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from conftest import fill_disk_after, snapshot
-from weight_diff import codec, output, writer
+from weight_diff import codec, compact, output, writer
 from weight_diff.cli import main
 from weight_diff.jobs import make_diff, recover
 from weight_diff.verify import verify
@@ -432,3 +433,29 @@ def test_a_compact_file_of_another_version_asks_for_an_upgrade(compact_pairs, co
         result.output
     )
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_output_checksums_cover_every_block_however_slow_the_hashing(compact_pairs, monkeypatch, tmp_path):
+    raw, tuned, diff = compact_pairs[torch.float32]
+    real = hashlib.sha256
+
+    class SlowSha256:  # the file hash lane falls behind the writes
+        def __init__(self, data=b""):
+            self._hash = real(data)
+
+        def update(self, data):
+            time.sleep(0.01)
+            self._hash.update(data)
+
+        def hexdigest(self):
+            return self._hash.hexdigest()
+
+    monkeypatch.setattr(compact.hashlib, "sha256", SlowSha256)
+    recover(raw, diff, tmp_path / "out", max_shard_size="150KB")
+    monkeypatch.setattr(compact.hashlib, "sha256", real)
+    sums = dict(line.split("  ")[::-1] for line in (tmp_path / "out" / "SHA256SUMS").read_text().splitlines())
+    shards = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(shards) >= 2
+    for shard in shards:
+        assert sums[shard.name] == real(shard.read_bytes()).hexdigest(), shard.name
+    assert_bit_identical(plain_tensors(tmp_path / "out"), plain_tensors(tuned))

@@ -108,7 +108,7 @@ def split_residual(bits: torch.Tensor, out: torch.Tensor) -> tuple[np.ndarray, i
     high = values.view(np.uint16).reshape(count, width // 2)[:, -1]
     np.copyto(sections[end : end + count], high, casting="unsafe")
     end += count
-    if width > 2:  # the low bytes kept together: two strided 2-byte copies cost less than byte planes
+    if width > 2:  # the low bytes kept together: one strided copy of 2-byte words costs less than byte planes
         words = width // 2 - 1
         low = sections[end : end + 2 * words * count].view(np.uint16).reshape(count, words)
         np.copyto(low, values.view(np.uint16).reshape(count, width // 2)[:, :words])

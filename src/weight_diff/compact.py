@@ -328,12 +328,13 @@ class CompactStream:
                 self.progress(len(data))
                 if block.stop == block.job.rows:
                     on_tensor(block.job, _record(block.job, result), nonfinite)
+            digest = lanes.hash.submit(file_hash.hexdigest)  # the lane is ordered: after every block's update
             lanes.write.submit(writer.finish).result()
         except BaseException:
             self._drain()
             writer.abort()
             raise
-        on_shard(shard.file_name, file_hash.hexdigest())
+        on_shard(shard.file_name, digest.result())
 
     def _read_raw(self, block: _Block, buffers: _Buffers) -> torch.Tensor | None:
         if not block.against_raw:
