@@ -411,7 +411,7 @@ def _run(
     out: Path,
     *,
     hashing: Hashing,
-    on_tensor: Callable[[TensorJob, TensorDigests], None],
+    on_tensor: Callable[[TensorJob, TensorDigests], None] | None = None,
     config: dict,
     companions: list[Path],
     tokens: tokenizer.OutputTokenizer,
@@ -430,7 +430,8 @@ def _run(
 ) -> RunReport:
     """Run a planned job into ``out``; ``records`` collects make-diff's tensor hashes, across --resume too.
 
-    ``stream(skip, on_shard)`` writes the shards instead of the float32 pipeline (compact diffs);
+    ``stream(skip, on_shard)`` writes the shards instead of the float32 pipeline (compact diffs, which check
+    their tensors and collect NaN/Inf themselves: ``on_tensor`` serves the pipeline only);
     ``on_shard_written`` hears the tensors of each shard once it is on disk (and of those kept by --resume);
     ``before_finish`` is waited for before a shard is renamed into place (a diff read while it downloads).
     """
@@ -443,7 +444,8 @@ def _run(
             nonfinite.append(job.name)
         elif digests.all_zero:
             zero_tensors.append(job.name)
-        on_tensor(job, digests)
+        if on_tensor is not None:
+            on_tensor(job, digests)
 
     fingerprint = output.plan_fingerprint(mode, plan, [_input_identity(raw), _input_identity(other)])
     # Everything that can refuse the run does so before the first write.
@@ -733,7 +735,7 @@ def _make_compact(
         plan, raw, tuned, tuned_config, "tuned model", has_manifest=False, ignore=ignore_checks, on_finding=on_finding
     )
     report = _run(
-        "make-diff", plan, raw, tuned, out, hashing=Hashing(), on_tensor=on_tensor, plausibility=plausibility,
+        "make-diff", plan, raw, tuned, out, hashing=Hashing(), plausibility=plausibility,
         config=tokens.config_with_pad(files.config_with_dtype(tuned_config, plan.dtype)),
         companions=files.companion_files(tuned.directory), tokens=tokens, extra_files={MANIFEST_NAME: manifest_bytes},
         chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress, on_plan=on_plan,
@@ -793,7 +795,7 @@ def _recover_compact(
         )  # fmt: skip
         ours = families.family_named("weight-diff")
         report = _run(
-            "recover", plan, raw, raw, out, hashing=Hashing(), on_tensor=on_tensor, plausibility=plausibility,
+            "recover", plan, raw, raw, out, hashing=Hashing(), plausibility=plausibility,
             config=tokens.config_with_pad(files.config_with_dtype(diff_config, plan.dtype)),
             companions=files.companion_files(diff_dir), tokens=tokens,
             extra_files={RECOVERY_NAME: lambda written: _recovery_record(diff_dir, manifest, plan, ours, [])},
