@@ -35,7 +35,12 @@ from .sizes import parse_size
 from .writer import ShardWriter
 
 BLOCK_ELEMENTS = 2 * 2**20  # measured: 1M to 16M values per block compress alike; 2M runs 5-10% faster than 4M (cache)
-WORKERS = 2  # the machines this is made for have two cores
+# Codec threads, on the two-core machines this is made for. Encoding is the heavy part of make-diff: two threads.
+# Decoding is lighter than recover's two SHA-256 passes over the output (per tensor, per file), which run in order
+# on threads of their own: a second decoder only took CPU from them (float32 tune, 13B width: 8.2-8.8 s with two,
+# 7.6-8.4 s with one; bfloat16 tune the same 5.5 s, 11% less CPU).
+ENCODE_WORKERS = 2
+DECODE_WORKERS = 1
 RING_DEPTH = 10  # blocks in flight: read ahead, two in the codec, one being hashed, writes queued
 CODEC = {
     "transform": "xor: tuned bits XOR bits of raw cast to the tuned dtype (round to nearest even); 0 where no raw",
@@ -222,7 +227,7 @@ class CompactStream:
     safetensors shards. Either calls ``on_tensor(job, record, nonfinite)`` after each tensor (``nonfinite``: its
     values hold NaN or Inf) and ``on_shard(name, sha256)`` once a file is on disk under its name.
 
-    Lanes: one thread reads blocks ahead (the disk is one device), ``WORKERS`` threads encode or decode them, the
+    Lanes: one thread reads blocks ahead (the disk is one device), codec threads encode or decode them, the
     calling thread hashes tuned values in order, one thread writes, and for recover one more hashes the output
     file (apart from the writes, which wait on the disk).
     """
@@ -245,7 +250,7 @@ class CompactStream:
             raw, values = rows
             return values, self._codec(BlockEncoder).encode(values, raw), _nonfinite(values)
 
-        with self._lanes() as lanes:
+        with self._lanes(ENCODE_WORKERS) as lanes:
             for shard in self.plan.shards:
                 if shard.file_name in skip:
                     self.progress(shard.nbytes)
@@ -301,7 +306,7 @@ class CompactStream:
             return values, _nonfinite(values)
 
         try:
-            with self._lanes() as lanes:
+            with self._lanes(DECODE_WORKERS) as lanes:
                 for shard in self.plan.shards:
                     if shard.file_name in skip:
                         self.progress(shard.nbytes)
@@ -350,13 +355,13 @@ class CompactStream:
         return codec
 
     @contextlib.contextmanager
-    def _lanes(self) -> Iterator[_Lanes]:
+    def _lanes(self, workers: int) -> Iterator[_Lanes]:
         lanes = _Lanes(
             read=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-read"),
             # One torch thread per codec thread: the two already fill the cores, and torch's own OpenMP threads on
             # top made casts 3-10x slower here (measured). OpenMP's thread count is per calling thread.
             codec=ThreadPoolExecutor(
-                WORKERS, thread_name_prefix="weight-diff-codec", initializer=torch.set_num_threads, initargs=(1,)
+                workers, thread_name_prefix="weight-diff-codec", initializer=torch.set_num_threads, initargs=(1,)
             ),
             hash=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-hash"),
             write=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-write"),
@@ -376,7 +381,7 @@ class CompactStream:
     def _in_order(self, lanes: _Lanes, read: Callable, work: Callable, blocks: Iterator[_Block]) -> Iterator[tuple]:
         """Yield ``(block, buffers, work(block, buffers, read(block, buffers)))`` in block order.
 
-        Reads run ahead on their lane, work on ``WORKERS`` threads; a ring slot is given to a new block only when
+        Reads run ahead on their lane, work on the codec threads; a ring slot is given to a new block only when
         the caller and every lane are done with its previous one.
         """
         ring = self._ring
