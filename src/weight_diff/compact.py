@@ -242,19 +242,15 @@ class CompactStream:
     def encode(self, tuned: Checkpoint, *, skip: frozenset[str], on_tensor, on_shard) -> None:
         """Write every ``.wdc`` file of the plan not in ``skip``."""
 
+        def read(block: _Block, buffers: _Buffers):
+            raw = self._read_raw(block, buffers)
+            return raw, tuned.read_rows(block.job.other, block.start, block.stop, out=buffers.other)
+
         def work(block: _Block, buffers: _Buffers, rows) -> tuple[torch.Tensor, bytes, bool]:
             raw, values = rows
             return values, self._codec(BlockEncoder).encode(values, raw), _nonfinite(values)
 
         with self._lanes(ENCODE_WORKERS) as lanes:
-
-            def read(block: _Block, buffers: _Buffers):
-                # Raw and tuned rows are read at once: with the codec threads filling both cores, one reader
-                # issuing both kept make-diff waiting on it (bfloat16 tune, 3 alternating pairs: 3.9-4.2 s, 4.0 s).
-                raw = lanes.raw_read.submit(self._read_raw, block, buffers)
-                values = tuned.read_rows(block.job.other, block.start, block.stop, out=buffers.other)
-                return raw.result(), values
-
             for shard in self.plan.shards:
                 if shard.file_name in skip:
                     self.progress(shard.nbytes)
@@ -362,7 +358,6 @@ class CompactStream:
     def _lanes(self, workers: int) -> Iterator[_Lanes]:
         lanes = _Lanes(
             read=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-read"),
-            raw_read=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-read-raw"),  # make-diff's raw rows
             # One torch thread per codec thread: the two already fill the cores, and torch's own OpenMP threads on
             # top made casts 3-10x slower here (measured). OpenMP's thread count is per calling thread.
             codec=ThreadPoolExecutor(
@@ -374,7 +369,7 @@ class CompactStream:
         try:
             yield lanes
         finally:
-            for lane in (lanes.read, lanes.raw_read, lanes.codec, lanes.hash, lanes.write):
+            for lane in (lanes.read, lanes.codec, lanes.hash, lanes.write):
                 lane.shutdown(wait=True, cancel_futures=True)
 
     def _drain(self) -> None:
@@ -409,7 +404,6 @@ class CompactStream:
 @dataclass(frozen=True)
 class _Lanes:
     read: ThreadPoolExecutor
-    raw_read: ThreadPoolExecutor
     codec: ThreadPoolExecutor
     hash: ThreadPoolExecutor
     write: ThreadPoolExecutor
