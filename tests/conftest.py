@@ -76,6 +76,19 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def interrupt_after(nbytes: int) -> Callable[[int], None]:
+    """Return a progress callback that stops the run (KeyboardInterrupt, as Ctrl-C) once more than ``nbytes``
+    have been reported: an interruption midway, at a point that does not depend on timing."""
+    seen = {"bytes": 0}
+
+    def progress(done: int) -> None:
+        seen["bytes"] += done
+        if seen["bytes"] > nbytes:
+            raise KeyboardInterrupt
+
+    return progress
+
+
 def fill_disk_after(monkeypatch, nbytes: int, *, files: str = "") -> Callable[[], None]:
     """Make every ``os.write`` fail with ENOSPC once ``nbytes`` more have been written (only to open files whose
     name ends with ``files``, when given); return the function that frees the space again."""

@@ -14,7 +14,7 @@ import zstandard
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import fill_disk_after, snapshot
+from conftest import fill_disk_after, interrupt_after, snapshot
 from weight_diff import codec, compact, output, writer
 from weight_diff.cli import main
 from weight_diff.jobs import make_diff, recover
@@ -170,25 +170,17 @@ def test_verify_proves_the_recovered_model_is_the_publishers(compact_pairs, tmp_
 def test_make_diff_and_recover_resume_to_the_identical_result(build_pair, tmp_path):
     raw, tuned = build_pair(tuned_dtype=torch.bfloat16)
     make_diff(raw, tuned, tmp_path / "reference", diff_format="compact", max_shard_size="60KB")
-    seen = {"bytes": 0}
-
-    def interrupt(nbytes):
-        seen["bytes"] += nbytes
-        if seen["bytes"] > 150_000:
-            raise KeyboardInterrupt
-
     diff = tmp_path / "diff"
     with pytest.raises(KeyboardInterrupt):
-        make_diff(raw, tuned, diff, diff_format="compact", max_shard_size="60KB", progress=interrupt)
+        make_diff(raw, tuned, diff, diff_format="compact", max_shard_size="60KB", progress=interrupt_after(150_000))
     assert not list(diff.glob("*.partial")) and (diff / output.JOURNAL_NAME).is_file()
     report = make_diff(raw, tuned, diff, diff_format="compact", max_shard_size="60KB", resume=True)
     assert report.resumed_shards >= 2
     assert snapshot(diff) == snapshot(tmp_path / "reference")
 
-    seen["bytes"] = 0
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        recover(raw, diff, out, max_shard_size="60KB", progress=interrupt)
+        recover(raw, diff, out, max_shard_size="60KB", progress=interrupt_after(150_000))
     assert not (out / "config.json").exists()
     report = recover(raw, diff, out, max_shard_size="60KB", resume=True)
     assert report.resumed_shards >= 2 and report.verified

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import fill_disk_after, load_tensors, snapshot
+from conftest import fill_disk_after, interrupt_after, load_tensors, snapshot
 from weight_diff import output
 from weight_diff.cli import main
 from weight_diff.jobs import recover
@@ -199,16 +199,9 @@ def test_an_interrupted_run_leaves_no_model_and_resume_gives_the_identical_resul
     raw, _ = pair
     reference = tmp_path / "reference"
     recover(raw, made_diff, reference, max_shard_size="100KB")
-    written = {"bytes": 0}
-
-    def interrupt_midway(nbytes):
-        written["bytes"] += nbytes
-        if written["bytes"] > 300_000:
-            raise KeyboardInterrupt
-
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        recover(raw, made_diff, out, max_shard_size="100KB", progress=interrupt_midway)
+        recover(raw, made_diff, out, max_shard_size="100KB", progress=interrupt_after(300_000))
     assert not (out / "config.json").exists() and not list(out.glob("*.partial"))
     assert (out / output.JOURNAL_NAME).is_file()
     with pytest.raises(Exception, match="other inputs or options"):
@@ -229,15 +222,8 @@ def test_make_diff_resumes_with_a_complete_manifest(pair, tmp_path):
 
     raw, tuned = pair
     make_diff(raw, tuned, tmp_path / "reference", max_shard_size="100KB")
-    count = {"bytes": 0}
-
-    def interrupt(nbytes):
-        count["bytes"] += nbytes
-        if count["bytes"] > 300_000:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        make_diff(raw, tuned, tmp_path / "diff", max_shard_size="100KB", progress=interrupt)
+        make_diff(raw, tuned, tmp_path / "diff", max_shard_size="100KB", progress=interrupt_after(300_000))
     report = make_diff(raw, tuned, tmp_path / "diff", max_shard_size="100KB", resume=True)
     assert report.resumed_shards >= 2
     ours = json.loads((tmp_path / "diff" / "weight-diff-manifest.json").read_text())
