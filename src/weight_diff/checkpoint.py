@@ -99,12 +99,26 @@ class TensorInfo:
 
     @property
     def rows(self) -> int:
-        """Length of the first dimension: the unit in which large tensors are streamed."""
-        return self.shape[0] if self.shape else 1
+        return shape_rows(self.shape)
 
     @property
     def row_numel(self) -> int:
-        return math.prod(self.shape[1:]) if self.shape else 1
+        return shape_row_numel(self.shape)
+
+
+def shape_rows(shape: tuple[int, ...]) -> int:
+    """Length of the first dimension: the unit in which large tensors are streamed (1 for a scalar)."""
+    return shape[0] if shape else 1
+
+
+def shape_row_numel(shape: tuple[int, ...]) -> int:
+    """Values in one row of a tensor of this shape (1 for a scalar)."""
+    return math.prod(shape[1:]) if shape else 1
+
+
+def rows_shape(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, ...]:
+    """The shape of rows ``start:stop`` of a tensor of this shape (a scalar stays a scalar)."""
+    return (stop - start, *shape[1:]) if shape else ()
 
 
 def is_weight_name(name: str) -> bool:
@@ -225,7 +239,7 @@ class Checkpoint:
         if info.assembly is not None:
             return info.assembly.read_rows(self, info, start, stop, out)
         count = (stop - start) * info.row_numel
-        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        shape = rows_shape(info.shape, start, stop)
         if info.offset is None:
             source = self._torch_tensors[info.name].reshape(info.shape or (1,))[start:stop]
             if out is None:

@@ -25,7 +25,16 @@ from pathlib import Path
 import torch
 
 from .arithmetic import finite_range
-from .checkpoint import DIRECT_ALIGN, FLOAT_DTYPES, Checkpoint, TensorInfo, aligned_bytes
+from .checkpoint import (
+    DIRECT_ALIGN,
+    FLOAT_DTYPES,
+    Checkpoint,
+    TensorInfo,
+    aligned_bytes,
+    rows_shape,
+    shape_row_numel,
+    shape_rows,
+)
 from .codec import DENSE_PARAMETERS, SPARSE_PARAMETERS, BlockDecoder, BlockEncoder, BlockError
 from .container import SUFFIX, CompactTensor, ContainerReader, ContainerWriter, compact_files
 from .errors import IntegrityError, PlanError, UsageError
@@ -71,11 +80,11 @@ class CompactJob:
 
     @property
     def rows(self) -> int:
-        return self.out_shape[0] if self.out_shape else 1
+        return shape_rows(self.out_shape)
 
     @property
     def row_numel(self) -> int:
-        return int(torch.Size(self.out_shape[1:]).numel()) if self.out_shape else 1
+        return shape_row_numel(self.out_shape)
 
     @property
     def raw_rows(self) -> int:
@@ -154,7 +163,7 @@ class _Block:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.stop - self.start, *self.job.out_shape[1:]) if self.job.out_shape else ()
+        return rows_shape(self.job.out_shape, self.start, self.stop)
 
     @property
     def numel(self) -> int:
@@ -422,7 +431,7 @@ def check_blocks(path: Path) -> Iterator[tuple[str, str]]:
         for entry in reader.tensors.values():
             problem = ""
             for index, block in enumerate(entry.blocks):
-                shape = (block.stop - block.start, *entry.shape[1:]) if entry.shape else ()
+                shape = rows_shape(entry.shape, block.start, block.stop)
                 nbytes = (block.stop - block.start) * entry.row_numel * entry.dtype.itemsize
                 if buffer.numel() < nbytes:
                     buffer = torch.empty(nbytes, dtype=torch.uint8)

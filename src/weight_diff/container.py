@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from . import codec
-from .checkpoint import DIRECT_ALIGN, TensorInfo
+from .checkpoint import DIRECT_ALIGN, TensorInfo, shape_row_numel, shape_rows
 from .errors import DiskFullError, IntegrityError
 from .untrusted import load_json
 from .writer import PARTIAL_SUFFIX, StagedFile, fsync_directory
@@ -78,11 +78,11 @@ class CompactTensor:
 
     @property
     def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
+        return shape_rows(self.shape)
 
     @property
     def row_numel(self) -> int:
-        return int(torch.Size(self.shape[1:]).numel()) if self.shape else 1
+        return shape_row_numel(self.shape)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import arithmetic
-from .checkpoint import DIRECT_ALIGN, Checkpoint, aligned_bytes
+from .checkpoint import DIRECT_ALIGN, Checkpoint, aligned_bytes, rows_shape
 from .errors import UsageError
 from .manifest import Digest, dtype_name, tensor_bytes
 from .plan import Plan, ShardPlan, TensorJob
@@ -73,7 +73,7 @@ class _Block:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.stop - self.start, *self.job.other.shape[1:]) if self.job.other.shape else ()
+        return rows_shape(self.job.other.shape, self.start, self.stop)
 
     @property
     def numel(self) -> int:
