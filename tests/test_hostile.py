@@ -895,9 +895,8 @@ def test_only_what_a_model_directory_needs_is_copied_and_the_rest_is_named(pair,
     )
 
 
-def test_the_output_directory_is_fsynced_after_each_rename(pair, made_diff, tmp_path, monkeypatch):
-    raw, _ = pair
-    out = tmp_path / "out"
+def _record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
+    """Return the list that will hold, in order, ("fsync", path fsynced) and ("rename", directory renamed into)."""
     events = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -911,6 +910,13 @@ def test_the_output_directory_is_fsynced_after_each_rename(pair, made_diff, tmp_
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_the_output_directory_is_fsynced_after_each_rename(pair, made_diff, tmp_path, monkeypatch):
+    raw, _ = pair
+    out = tmp_path / "out"
+    events = _record_fsyncs_and_renames(monkeypatch)
     assert recover_cli(raw, made_diff, out, "--max-shard-size", "200KB").exit_code == 0
     renames = [i for i, event in enumerate(events) if event == ("rename", str(out))]
     assert len(renames) >= 5
@@ -921,19 +927,7 @@ def test_the_output_directory_is_fsynced_after_each_rename(pair, made_diff, tmp_
 
 def test_a_compact_diff_and_its_recovery_fsync_the_directory_before_the_next_rename(pair, tmp_path, monkeypatch):
     raw, tuned = pair
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
-        return real_fsync(fd)
-
-    def replace(src, dst, **kwargs):
-        events.append(("rename", str(Path(dst).parent)))
-        return real_replace(src, dst, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = _record_fsyncs_and_renames(monkeypatch)
     diff, out = tmp_path / "diff", tmp_path / "out"
     made = run("make-diff", "--path_raw", raw, "--path_tuned", tuned, "--path_diff", diff, "--format", "compact", "-q")
     assert made.exit_code == 0, made.output
