@@ -40,9 +40,9 @@ import torch
 
 from . import codec
 from .checkpoint import DIRECT_ALIGN, TensorInfo, shape_row_numel, shape_rows
-from .errors import DiskFullError, IntegrityError
+from .errors import IntegrityError
 from .untrusted import load_json
-from .writer import PARTIAL_SUFFIX, StagedFile, fsync_directory
+from .writer import PartialFile
 
 MAGIC = b"WDCOMPCT"
 FORMAT = "weight-diff-compact"
@@ -93,14 +93,13 @@ class ContainerWriter:
     """Writes one compact file under a ``.partial`` name; ``finish`` appends the index, syncs and renames."""
 
     def __init__(self, directory: Path, file_name: str, codec: dict) -> None:
-        self.path = directory / file_name
-        self.partial = directory / (file_name + PARTIAL_SUFFIX)
         self._codec = codec
         self._tensors: dict[str, dict] = {}
         self._blocks: list[list[int]] = []
         self.sha256 = hashlib.sha256()  # of the whole file, for SHA256SUMS, as it is written
-        self._failure: Exception | None = None  # once a write failed, every later call raises it (blocks queued)
-        self._file = StagedFile(self.partial)  # O_DIRECT where allowed: buffered writes cost a core of kernel time
+        # O_DIRECT where allowed: buffered writes cost a core of kernel time. Failures are kept (writer.py).
+        self._file = PartialFile(directory, file_name, kind="file")
+        self.path = self._file.path
         self._write(MAGIC)
 
     def begin_tensor(
@@ -123,41 +122,19 @@ class ContainerWriter:
 
     def finish(self) -> None:
         """Write the index and trailer, flush to disk, and give the file its final name."""
-        if self._failure is not None:
-            raise self._failure
+        self._file.raise_if_failed()
         index = {"format": FORMAT, "version": VERSION, "codec": self._codec, "tensors": self._tensors}
         body = json.dumps(index, separators=(",", ":")).encode()
         self._write(body + _TRAILER.pack(len(body), MAGIC))
-        try:
-            self._file.finish()
-        except OSError as exc:
-            raise self._fail(exc) from None
-        os.replace(self.partial, self.path)
-        fsync_directory(self.path.parent)  # the rename itself survives a power cut, as for every shard
+        self._file.finish()
 
     def _write(self, data: bytes) -> None:
-        if self._failure is not None:
-            raise self._failure
+        self._file.write(data)
         self.sha256.update(data)
-        try:
-            self._file.write(data)
-        except OSError as exc:
-            raise self._fail(exc) from None
-
-    def _fail(self, exc: OSError) -> Exception:
-        self.abort()
-        self._failure = exc
-        if exc.errno == errno.ENOSPC:
-            self._failure = DiskFullError(
-                f"{self.path.parent}: disk full while writing {self.path.name}; the unfinished file was removed. "
-                "Free space and run again with --resume"
-            )
-        return self._failure
 
     def abort(self) -> None:
         """Close and remove the unfinished file; safe to call twice."""
-        self._file.close()
-        self.partial.unlink(missing_ok=True)
+        self._file.abort()
 
 
 class ContainerReader:

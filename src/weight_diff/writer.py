@@ -153,16 +153,73 @@ class StagedFile:
         self._staging = None
 
 
-class ShardWriter:
-    """Writes one shard under a temporary name and renames it when complete (the caller hashes the bytes)."""
+class PartialFile:
+    """A new file kept under ``NAME.partial`` until ``finish`` has synced it, renamed it into place and synced the
+    rename: a file with its final name is always whole. A failed write removes the partial file, and every later
+    call raises that first failure: blocks still queued behind it must not hide the cause behind a closed file
+    descriptor. ENOSPC becomes a DiskFullError saying what to do."""
 
-    def __init__(self, directory: Path, shard: ShardPlan, *, direct: bool = True) -> None:
-        self.path = directory / shard.file_name
-        self.partial = directory / (shard.file_name + PARTIAL_SUFFIX)
-        self.header = safetensors_header(shard)
-        self.expected = len(self.header) + shard.nbytes
+    def __init__(self, directory: Path, file_name: str, *, kind: str, direct: bool = True) -> None:
+        self.path = directory / file_name
+        self.partial = directory / (file_name + PARTIAL_SUFFIX)
+        self._kind = kind  # what the disk-full message calls it: "shard", "file"
         self._failure: Exception | None = None
         self._file = StagedFile(self.partial, direct=direct)
+
+    @property
+    def direct(self) -> bool:
+        return self._file.direct
+
+    @property
+    def written(self) -> int:
+        return self._file.written
+
+    def raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.raise_if_failed()
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise self._fail(exc) from None
+
+    def finish(self) -> None:
+        """Flush the file to disk and give it its final name."""
+        self.raise_if_failed()
+        try:
+            self._file.finish()
+        except OSError as exc:
+            raise self._fail(exc) from None
+        os.replace(self.partial, self.path)
+        fsync_directory(self.path.parent)  # the rename itself survives a power cut
+
+    def _fail(self, exc: OSError) -> Exception:
+        self.abort()
+        self._failure = exc
+        if exc.errno == errno.ENOSPC:
+            self._failure = DiskFullError(
+                f"{self.path.parent}: disk full while writing {self.path.name}; the unfinished {self._kind} was "
+                "removed. Free space and run again with --resume"
+            )
+        return self._failure
+
+    def abort(self) -> None:
+        """Close and remove the unfinished file; safe to call twice."""
+        self._file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """Writes one safetensors shard under a temporary name and renames it when complete (the caller hashes the
+    bytes)."""
+
+    def __init__(self, directory: Path, shard: ShardPlan, *, direct: bool = True) -> None:
+        self.header = safetensors_header(shard)
+        self.expected = len(self.header) + shard.nbytes
+        self._file = PartialFile(directory, shard.file_name, kind="shard", direct=direct)
+        self.path = self._file.path
         try:
             self.write(self.header)
         except BaseException:
@@ -178,44 +235,17 @@ class ShardWriter:
         return self._file.written
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append bytes to the shard; ENOSPC becomes a DiskFullError after the partial file is removed.
-
-        Once a write has failed, every later one raises that same error: blocks still queued behind it must not
-        hide the cause behind a closed file descriptor.
-        """
-        if self._failure is not None:
-            raise self._failure
-        try:
-            self._file.write(data)
-        except OSError as exc:
-            raise self._fail(exc) from None
+        """Append bytes to the shard (see PartialFile for failures)."""
+        self._file.write(data)
 
     def finish(self) -> None:
         """Flush the complete shard to disk and give it its final name."""
-        if self._failure is not None:
-            raise self._failure
+        self._file.raise_if_failed()
         if self.written != self.expected:
             self.abort()
             raise RuntimeError(f"{self.path.name}: wrote {self.written} bytes, planned {self.expected}")
-        try:
-            self._file.finish()
-        except OSError as exc:
-            raise self._fail(exc) from None
-        os.replace(self.partial, self.path)
-        fsync_directory(self.path.parent)
-
-    def _fail(self, exc: OSError) -> Exception:
-        self.abort()
-        if exc.errno == errno.ENOSPC:
-            self._failure = DiskFullError(
-                f"{self.path.parent}: disk full while writing {self.path.name}; the unfinished shard was removed. "
-                "Free space and run again with --resume"
-            )
-        else:
-            self._failure = exc
-        return self._failure
+        self._file.finish()
 
     def abort(self) -> None:
         """Close and remove the unfinished file; safe to call twice."""
-        self._file.close()
-        self.partial.unlink(missing_ok=True)
+        self._file.abort()
