@@ -4,7 +4,11 @@ The safetensors library has no incremental writer, so this one writes the header
 is known from the plan), then the tensor bytes in plan order. The shard lives under a ``.partial`` name until it
 is complete and on disk (fdatasync), then is renamed into place: a shard with its final name is always whole.
 
-Where the file system allows it, the shard is written with ``O_DIRECT`` through a reused, page-aligned staging
+Layers: ``StagedFile`` writes bytes in order (``O_DIRECT`` where allowed), ``PartialFile`` adds the ``.partial``
+name, the rename and the failure rules, ``ShardWriter`` the safetensors header (``container.ContainerWriter``, the
+compact diff's file, also writes through a ``PartialFile``).
+
+Where the file system allows it, files are written with ``O_DIRECT`` through a reused, page-aligned staging
 buffer: on this project's machines the page cache made buffered writes cost a core of kernel time and run at
 0.4-0.9 GB/s, while direct writes reached 3 GB/s for almost no CPU. Elsewhere (tmpfs, macOS) it writes buffered.
 
