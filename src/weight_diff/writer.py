@@ -215,41 +215,24 @@ class PartialFile:
         self.partial.unlink(missing_ok=True)
 
 
-class ShardWriter:
+class ShardWriter(PartialFile):
     """Writes one safetensors shard under a temporary name and renames it when complete (the caller hashes the
     bytes)."""
 
     def __init__(self, directory: Path, shard: ShardPlan, *, direct: bool = True) -> None:
         self.header = safetensors_header(shard)
         self.expected = len(self.header) + shard.nbytes
-        self._file = PartialFile(directory, shard.file_name, kind="shard", direct=direct)
-        self.path = self._file.path
+        super().__init__(directory, shard.file_name, kind="shard", direct=direct)
         try:
             self.write(self.header)
         except BaseException:
             self.abort()
             raise
 
-    @property
-    def direct(self) -> bool:
-        return self._file.direct
-
-    @property
-    def written(self) -> int:
-        return self._file.written
-
-    def write(self, data: bytes | memoryview) -> None:
-        """Append bytes to the shard (see PartialFile for failures)."""
-        self._file.write(data)
-
     def finish(self) -> None:
         """Flush the complete shard to disk and give it its final name."""
-        self._file.raise_if_failed()
+        self.raise_if_failed()
         if self.written != self.expected:
             self.abort()
             raise RuntimeError(f"{self.path.name}: wrote {self.written} bytes, planned {self.expected}")
-        self._file.finish()
-
-    def abort(self) -> None:
-        """Close and remove the unfinished file; safe to call twice."""
-        self._file.abort()
+        super().finish()
