@@ -245,6 +245,20 @@ def test_a_block_is_split_into_bitmap_top_second_and_low_bytes():
                             torch.empty(2, dtype=torch.int32))  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_an_incompressible_block_fits_its_payload_buffer_and_decodes_exactly(dtype):
+    # Random bits: the second and low bytes are noise, stored in a frame larger than what it holds.
+    count = 3 * 2**17 + 5
+    bits = torch.randint(-(2**62), 2**62, (count,), dtype=torch.int64, generator=torch.Generator().manual_seed(3))
+    tuned = bits.view(torch.uint8)[: count * dtype.itemsize].view(dtype)
+    buffer = torch.empty(codec.payload_capacity(count, dtype.itemsize), dtype=torch.uint8)
+    payload = codec.BlockEncoder().encode(tuned, None, out=buffer)
+    stored = count * (dtype.itemsize - 1)  # the second frame's content: second and low bytes, not compressed
+    assert stored < len(payload) <= buffer.numel()
+    out = codec.BlockDecoder().decode(payload, None, torch.empty_like(tuned))
+    assert torch.equal(out.view(torch.uint8), tuned.view(torch.uint8))
+
+
 def test_version_1_byte_planes_are_still_read():
     values = torch.tensor([0x1234, 0xABCD - 0x10000], dtype=torch.int16)
     planes = torch.tensor([0x12, 0xAB, 0x34, 0xCD], dtype=torch.uint8)  # every highest byte, then every low byte

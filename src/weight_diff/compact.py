@@ -35,7 +35,7 @@ from .checkpoint import (
     shape_row_numel,
     shape_rows,
 )
-from .codec import DENSE_PARAMETERS, SPARSE_PARAMETERS, BlockDecoder, BlockEncoder, BlockError
+from .codec import DENSE_PARAMETERS, SPARSE_PARAMETERS, BlockDecoder, BlockEncoder, BlockError, payload_capacity
 from .container import SUFFIX, CompactTensor, ContainerReader, ContainerWriter, compact_files
 from .errors import IntegrityError, PlanError, UsageError
 from .manifest import Digest, TensorRecord, dtype_name, tensor_bytes
@@ -194,13 +194,14 @@ class _Buffers:
 
     raw: torch.Tensor
     other: torch.Tensor
-    payload: torch.Tensor  # recover's compressed block; its pages are touched (and counted) only there
+    payload: torch.Tensor  # the compressed block: encoded into (make-diff), read into (recover)
     pending: list[Future] = field(default_factory=list)
 
     @classmethod
     def allocate(cls, elements: int) -> _Buffers:
         nbytes = elements * 8 + 2 * DIRECT_ALIGN  # page-aligned with slack each side, for O_DIRECT reads
-        return cls(raw=aligned_bytes(nbytes), other=aligned_bytes(nbytes), payload=aligned_bytes(nbytes))
+        payload = aligned_bytes(payload_capacity(elements, 8) + 2 * DIRECT_ALIGN)
+        return cls(raw=aligned_bytes(nbytes), other=aligned_bytes(nbytes), payload=payload)
 
     def wait(self) -> None:
         """Block until no lane uses these buffers, re-raising the first failure."""
@@ -255,9 +256,9 @@ class CompactStream:
             raw = self._read_raw(block, buffers)
             return raw, tuned.read_rows(block.job.other, block.start, block.stop, out=buffers.other)
 
-        def work(block: _Block, buffers: _Buffers, rows) -> tuple[torch.Tensor, bytes, bool]:
+        def work(block: _Block, buffers: _Buffers, rows) -> tuple[torch.Tensor, memoryview, bool]:
             raw, values = rows
-            return values, self._codec(BlockEncoder).encode(values, raw), _nonfinite(values)
+            return values, self._codec(BlockEncoder).encode(values, raw, out=buffers.payload), _nonfinite(values)
 
         with self._lanes(ENCODE_WORKERS) as lanes:
             for shard in self.plan.shards:

@@ -115,7 +115,7 @@ class ContainerWriter:
             "blocks": self._blocks,
         }
 
-    def add_block(self, start: int, stop: int, payload: bytes) -> None:
+    def add_block(self, start: int, stop: int, payload: bytes | memoryview) -> None:
         """Append the payload of rows ``start:stop`` of the current tensor."""
         self._blocks.append([start, stop, self._file.written, len(payload)])
         self._write(payload)
