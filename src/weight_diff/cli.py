@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, heap
 from .errors import Interrupted, WeightDiffError, first_line
 from .sizes import format_size
 
@@ -282,6 +282,7 @@ def main(debug: bool) -> None:
     Streams tensor by tensor in flat memory, writes Hugging Face safetensors, and checks every tensor against the
     publisher's checksums when the diff has a manifest.
     """
+    heap.keep_freed_memory()
 
 
 @main.command(
