@@ -508,6 +508,7 @@ class Run:
     read_bytes: int = 0
     written_bytes: int = 0
     log_file: Path | None = None  # of the fastest repetition
+    walls: list[float] = dataclasses.field(default_factory=list)  # every repetition's, in order
 
     @property
     def ok(self) -> bool:
@@ -634,6 +635,7 @@ class Bench:
         self.comparisons: dict[int, dict] = {}
         self.codec_sizes: dict[str, dict[str, int]] = {}
         self.codec_rates: dict[str, tuple[float, float]] = {}
+        self.codec_ratios: dict[str, list[float]] = {}  # recover from compact / from float32 diff, round by round
         self.drop_method = ""
         self.load_at_start = os.getloadavg()
 
@@ -645,25 +647,39 @@ class Bench:
         The output folder goes before each repetition (our CLI refuses a non-empty one), then the page cache.
         `inputs` are the directories it reads (default: the checkpoint's raw and diff).
         """
-        inputs = inputs or [root / "raw", root / "diff"]
-        run = Run(name, layers, read_bytes=sum(dir_bytes(d) for d in inputs))
+        return self._timed_rounds(layers, [(name, cmd, out_dir, inputs or [root / "raw", root / "diff"])])[0]
+
+    def _timed_rounds(self, layers: int, specs: list[tuple[str, list[str], Path, list[Path]]]) -> list[Run]:
+        """Run each `(name, cmd, out_dir, inputs)` cold once a round, `--repeat` rounds, in turn.
+
+        Runs to be compared go in one call: this machine has slow spells of a minute or more, and a spell that
+        fell on every repetition of one kind (they used to run back to back) made a ratio of fastest walls swing
+        by 10-15%. Taking turns, a spell slows the runs of one round alike; `Run.walls` keeps every round's wall.
+        """
+        runs = [Run(name, layers, read_bytes=sum(dir_bytes(d) for d in inputs)) for name, _, _, inputs in specs]
         for repetition in range(1, self.args.repeat + 1):
-            shutil.rmtree(out_dir, ignore_errors=True)
-            self.drop_method = drop_page_cache([p for d in inputs for p in sorted(d.iterdir()) if p.is_file()])
-            log(f"running {name} at {layers} layers ({repetition}/{self.args.repeat}) ...")
-            log_file = self.out / f"{name}-{layers}L-{repetition}.log"
-            rc, wall, peak, sync = timed(cmd, log_file, self.args.timeout)
-            if rc != 0:
-                timed_out = self.args.timeout is not None and wall >= self.args.timeout
-                run.status = _status_text(rc, log_file, timed_out)
-                log(f"{name} failed ({run.status}); log: {log_file}")
-                break
-            run.peak_rss = max(run.peak_rss or 0, peak)
-            if run.wall_s is None or wall < run.wall_s:
-                run.wall_s, run.sync_s, run.log_file = wall, sync, log_file
-            run.written_bytes = dir_bytes(out_dir)
-        self.runs.append(run)
-        return run
+            for run, (_, cmd, out_dir, inputs) in zip(runs, specs, strict=True):
+                if run.ok:
+                    self._run_once(run, repetition, cmd, out_dir, inputs)
+        self.runs.extend(runs)
+        return runs
+
+    def _run_once(self, run: Run, repetition: int, cmd: list[str], out_dir: Path, inputs: list[Path]) -> None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        self.drop_method = drop_page_cache([p for d in inputs for p in sorted(d.iterdir()) if p.is_file()])
+        log(f"running {run.name} at {run.layers} layers ({repetition}/{self.args.repeat}) ...")
+        log_file = self.out / f"{run.name}-{run.layers}L-{repetition}.log"
+        rc, wall, peak, sync = timed(cmd, log_file, self.args.timeout)
+        if rc != 0:
+            timed_out = self.args.timeout is not None and wall >= self.args.timeout
+            run.status = _status_text(rc, log_file, timed_out)
+            log(f"{run.name} failed ({run.status}); log: {log_file}")
+            return
+        run.walls.append(wall)
+        run.peak_rss = max(run.peak_rss or 0, peak)
+        if run.wall_s is None or wall < run.wall_s:
+            run.wall_s, run.sync_s, run.log_file = wall, sync, log_file
+        run.written_bytes = dir_bytes(out_dir)
 
     def floor(self, layers: int, root: Path) -> None:
         """The I/O floor: read the inputs, write as many bytes as the recovered model; note each phase's speed."""
@@ -714,13 +730,15 @@ class Bench:
         shutil.rmtree(checked, ignore_errors=True)
 
     def codec_cycle(self, layers: int, root: Path) -> None:
-        """For a bfloat16 and a float32 fine-tune: make-diff float32 and compact, then recover from each; sizes."""
+        """For a bfloat16 and a float32 fine-tune: make-diff float32 and compact, then recover from each, the
+        recoveries taking turns round by round; sizes."""
         base = our_cli()
         raw = root / "raw"
         for dtype in ("bfloat16", "float32"):
             tuned = ensure_finetune(root, self.widths, layers, dtype)
             model_bytes = sum(p.stat().st_size for p in tuned.glob("*.safetensors"))
             sizes = {"model": model_bytes}
+            recoveries = []
             for fmt in ("float32", "compact"):
                 diff = self.out / f"diff-{fmt}-{dtype}"
                 make = [*base, "make-diff", "--format", fmt, "--path_raw", str(raw), "--path_tuned", str(tuned)]
@@ -738,11 +756,15 @@ class Bench:
                     cmd = [*base, "recover", "--path_raw", str(raw), "--path_diff", str(diff)]
                     cmd += ["--path_tuned", str(out), "--quiet", *extra]
                     name = f"recover from {fmt}{' ' + ' '.join(extra) if extra else ''}, {dtype} tune"
-                    self._timed_run(name, layers, root, cmd, out, [raw, diff])
-                    shutil.rmtree(out, ignore_errors=True)
-                if fmt == "float32":
-                    shutil.rmtree(diff, ignore_errors=True)
-            shutil.rmtree(self.out / f"diff-compact-{dtype}", ignore_errors=True)
+                    recoveries.append((name, cmd, out, [raw, diff]))
+            runs = {run.name: run for run in self._timed_rounds(layers, recoveries)}
+            plain, compact = runs[f"recover from float32, {dtype} tune"], runs[f"recover from compact, {dtype} tune"]
+            if plain.ok and compact.ok:
+                self.codec_ratios[dtype] = [c / p for c, p in zip(compact.walls, plain.walls, strict=True)]
+            for _, _, out, _ in recoveries:
+                shutil.rmtree(out, ignore_errors=True)
+            for fmt in ("float32", "compact"):
+                shutil.rmtree(self.out / f"diff-{fmt}-{dtype}", ignore_errors=True)
             numel = sizes["float32 diff"] // 4
             sizes["float16 delta"] = numel * 2
             self.codec_sizes[dtype] = sizes
@@ -929,6 +951,11 @@ def codec_table(bench: Bench) -> list[str]:
     rows += ["", "float16 delta: the bytes of tune - raw stored as float16 (2 per value), computed, not written."]
     rows += ["", "make-diff speed in model bytes per second (wall of the process; of the job itself, without imports):"]
     rows += [f"- {name}: {wall / GB:.2f} GB/s; {job / GB:.2f} GB/s" for name, (wall, job) in bench.codec_rates.items()]
+    if bench.codec_ratios:
+        rows += ["", "recover from compact / from the float32 diff, wall against wall in each round (turn by turn):"]
+    for dtype, ratios in bench.codec_ratios.items():
+        each = ", ".join(f"{r:.2f}x" for r in ratios)
+        rows.append(f"- {dtype} tune: {each} (median {statistics.median(ratios):.2f}x)")
     return rows
 
 
