@@ -38,10 +38,15 @@ SPARSE_PARAMETERS = {"strategy": "fast", "window_log": 17, "hash_log": 8, "min_m
 DENSE_PARAMETERS = {**SPARSE_PARAMETERS, "target_length": 1}
 
 
+def sections_nbytes(count: int, itemsize: int) -> int:
+    """Return the bytes of a block's four sections (version 2) at most: every value's bytes, and the bitmap."""
+    return count * itemsize + (count + 7) // 8
+
+
 def payload_capacity(count: int, itemsize: int) -> int:
     """Return the most bytes a block of ``count`` values can encode to: its sections, plus zstd's worst case for
     data it cannot compress (1/256 more, and a frame header, block headers and checksum) for each of two frames."""
-    sections = count * itemsize + (count + 7) // 8
+    sections = sections_nbytes(count, itemsize)
     return sections + sections // 128 + 2 * 2**16
 
 
@@ -187,9 +192,7 @@ class BlockEncoder:
         """
         residual = residual_bits(tuned.contiguous(), raw, self._scratch)
         count, itemsize = residual.numel(), residual.dtype.itemsize
-        sections, sparse_end = split_residual(
-            residual, self._scratch.get("sections", count * itemsize + (count + 7) // 8)
-        )
+        sections, sparse_end = split_residual(residual, self._scratch.get("sections", sections_nbytes(count, itemsize)))
         target = memoryview(out.numpy()).cast("B")[: payload_capacity(count, itemsize)]
         done = _compress_into(self._sparse, sections[:sparse_end], target, 0)
         return target[: _compress_into(self._dense, sections[sparse_end:], target, done)]
@@ -232,7 +235,7 @@ class BlockDecoder:
         """
         count = out.numel()
         nbytes = count * out.dtype.itemsize
-        limit = nbytes if version == 1 else nbytes + (count + 7) // 8
+        limit = nbytes if version == 1 else sections_nbytes(count, out.dtype.itemsize)
         decoded = self._scratch.get("sections", limit + 1)  # one byte more: a longer frame is seen as longer
         view = memoryview(decoded.numpy())
         done = 0
