@@ -100,7 +100,7 @@ def test_the_container_index_lists_with_plain_python(compact_pairs):
         data = path.read_bytes()
         length, magic = struct.unpack("<Q8s", data[-16:])
         index = json.loads(data[-16 - length : -16])
-        assert data[:8] == magic == b"WDCOMPCT" and index["format"] == "weight-diff-compact" and index["version"] == 2
+        assert data[:8] == magic == b"WDCOMPCT" and index["format"] == "weight-diff-compact" and index["version"] == 3
         for name, entry in index["tensors"].items():
             names.add(name)
             rows = [block[:2] for block in entry["blocks"]]
@@ -228,21 +228,49 @@ def test_the_cli_makes_a_compact_diff_and_recover_detects_it(build_pair, tmp_pat
     assert refused.exit_code == 2 and "in its own dtype; omit --dtype" in refused.output
 
 
-def test_a_block_is_split_into_bitmap_top_second_and_low_bytes():
-    # int16, little-endian: 34 12 | CD 00 | CD AB. Values 0 and 2 have a non-zero highest byte.
+def test_a_block_is_split_into_steps_top_second_and_low_bytes():
+    # int16, little-endian: 34 12 | CD 00 | CD AB. Values 0 and 2 have a non-zero highest byte: steps 1 and 2.
     values = torch.tensor([0x1234, 0x00CD, 0xABCD - 0x10000], dtype=torch.int16)
     sections, sparse_end = codec.split_residual(values, torch.empty(16, dtype=torch.uint8))
-    assert sections.tolist() == [0b10100000, 0x12, 0xAB, 0x34, 0xCD, 0xCD] and sparse_end == 3
+    assert sections.tolist() == [1, 2, 0x12, 0xAB, 0x34, 0xCD, 0xCD] and sparse_end == 4
     assert torch.equal(codec.join_residual(sections, torch.empty(3, dtype=torch.int16)), values)
     wide = torch.tensor([0x12345678, 0x000B0C0D], dtype=torch.int32)  # low 16 bits kept as stored: 78 56, 0D 0C
     sections, sparse_end = codec.split_residual(wide, torch.empty(16, dtype=torch.uint8))
-    assert sections.tolist() == [0b10000000, 0x12, 0x34, 0x0B, 0x78, 0x56, 0x0D, 0x0C] and sparse_end == 2
+    assert sections.tolist() == [1, 0x12, 0x34, 0x0B, 0x78, 0x56, 0x0D, 0x0C] and sparse_end == 2
     assert torch.equal(codec.join_residual(sections, torch.empty(2, dtype=torch.int32)), wide)
-    with pytest.raises(codec.BlockError, match="decodes to 7 bytes, expected 8"):
+    with pytest.raises(codec.BlockError, match="decodes to 7 bytes, which no block of 2 values takes"):
         codec.join_residual(sections[:7], torch.empty(2, dtype=torch.int32))
+    for steps in ([3], [2, 1], [0]):  # past the end, or before the start
+        bad = np.array([*steps, *[0x12] * len(steps), 0x34, 0x0B, 0x78, 0x56, 0x0D, 0x0C], dtype=np.uint8)
+        with pytest.raises(codec.BlockError, match="its steps lead outside the block"):
+            codec.join_residual(bad, torch.empty(2, dtype=torch.int32))
+
+
+def test_a_step_over_255_values_is_taken_in_entries_of_255_with_a_zero_top_byte():
+    values = torch.zeros(1200, dtype=torch.int16)
+    values[[0, 255, 256, 767, 1199]] = torch.tensor([0x0100, 0x0200, 0x0300, 0x0400, 0x7F05], dtype=torch.int16)
+    sections, sparse_end = codec.split_residual(values, torch.empty(4000, dtype=torch.uint8))
+    # Steps from -1: 1; 255; 1; 511 = 255 + 256 = 255 + 255 + 1; 432 = 255 + 177.
+    steps = [1, 255, 1, 255, 255, 1, 255, 177]
+    tops = [0x01, 0x02, 0x03, 0, 0, 0x04, 0, 0x7F]
+    assert sections[:sparse_end].tolist() == steps + tops
+    assert sections[sparse_end:].tolist() == [5 if i == 1199 else 0 for i in range(1200)]
+    assert torch.equal(codec.join_residual(sections, torch.empty(1200, dtype=torch.int16)), values)
+
+
+def test_version_2_bitmaps_are_still_read():
+    # As weight-diff 0.3 wrote them: a bitmap (most significant bit first) marking values 0 and 2, then their tops.
+    values = torch.tensor([0x1234, 0x00CD, 0xABCD - 0x10000], dtype=torch.int16)
+    sections = np.array([0b10100000, 0x12, 0xAB, 0x34, 0xCD, 0xCD], dtype=np.uint8)
+    assert torch.equal(codec.join_bitmap_residual(sections, torch.empty(3, dtype=torch.int16)), values)
+    wide = torch.tensor([0x12345678, 0x000B0C0D], dtype=torch.int32)
+    sections = np.array([0b10000000, 0x12, 0x34, 0x0B, 0x78, 0x56, 0x0D, 0x0C], dtype=np.uint8)
+    assert torch.equal(codec.join_bitmap_residual(sections, torch.empty(2, dtype=torch.int32)), wide)
+    with pytest.raises(codec.BlockError, match="decodes to 7 bytes, expected 8"):
+        codec.join_bitmap_residual(sections[:7], torch.empty(2, dtype=torch.int32))
     with pytest.raises(codec.BlockError, match="past the block's end"):  # a padding bit set
-        codec.join_residual(np.array([0b10100000, 0x12, 0xAB, 0x34, 0x0B, 0x78, 0x56, 0x0D, 0x0C], dtype=np.uint8),
-                            torch.empty(2, dtype=torch.int32))  # fmt: skip
+        codec.join_bitmap_residual(np.array([0b10100000, 0x12, 0xAB, 0x34, 0x0B, 0x78, 0x56, 0x0D, 0x0C],
+                                            dtype=np.uint8), torch.empty(2, dtype=torch.int32))  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -293,11 +321,7 @@ def test_every_block_is_two_plain_zstd_frames_holding_the_documented_sections(co
                 sparse = first.decompress(data[offset : offset + size])
                 dense = zstandard.ZstdDecompressor().decompress(first.unused_data)  # the second and last frame
                 values = [int(v) & (1 << 8 * width) - 1 for v in residual[start:stop].reshape(-1).tolist()]
-                tops = [v >> 8 * (width - 1) for v in values]
-                bitmap = bytearray((len(values) + 7) // 8)
-                for i, top in enumerate(tops):
-                    bitmap[i // 8] |= (top != 0) << (7 - i % 8)
-                assert sparse == bytes(bitmap) + bytes(t for t in tops if t), (name, start)
+                assert sparse == _steps_and_tops(values, width), (name, start)
                 expected = bytes(v >> 8 * (width - 2) & 0xFF for v in values)
                 expected += b"".join((v & (1 << 8 * (width - 2)) - 1).to_bytes(width - 2, "little") for v in values)
                 assert dense == expected, (name, start)
@@ -305,9 +329,60 @@ def test_every_block_is_two_plain_zstd_frames_holding_the_documented_sections(co
     assert seen >= 21
 
 
+def _steps_and_tops(values, width):
+    """Version 3's sparse section of unsigned residual values, in plain Python: a step byte for each value whose
+    highest byte is not zero (counted from -1; longer steps in entries of 255 with a zero top), then the tops."""
+    steps, tops, previous = [], [], -1
+    for i, value in enumerate(values):
+        top = value >> 8 * (width - 1)
+        if top:
+            while i - previous > 255:
+                steps.append(255)
+                tops.append(0)
+                previous += 255
+            steps.append(i - previous)
+            tops.append(top)
+            previous = i
+    return bytes(steps + tops)
+
+
+def _bitmap_and_tops(values, width):
+    """Version 2's sparse section, in plain Python: a bitmap (most significant bit first), then the tops."""
+    tops = [v >> 8 * (width - 1) for v in values]
+    bitmap = bytearray((len(values) + 7) // 8)
+    for i, top in enumerate(tops):
+        bitmap[i // 8] |= (top != 0) << (7 - i % 8)
+    return bytes(bitmap) + bytes(t for t in tops if t)
+
+
+def _rewrite_as_version_2(diff, raw, tuned):
+    """Re-encode every block of ``diff`` in version 2's layout (bitmap instead of steps) with plain Python and
+    zstd: a diff as weight-diff 0.3 wrote it."""
+
+    def block(residual, width):
+        values = [int(v) & (1 << 8 * width) - 1 for v in residual.reshape(-1).tolist()]
+        dense = bytes(v >> 8 * (width - 2) & 0xFF for v in values)
+        dense += b"".join((v & (1 << 8 * (width - 2)) - 1).to_bytes(width - 2, "little") for v in values)
+        compressor = zstandard.ZstdCompressor(level=1, write_checksum=True)
+        return compressor.compress(_bitmap_and_tops(values, width)) + compressor.compress(dense)
+
+    _rewrite(diff, raw, tuned, 2, block)
+
+
 def _rewrite_as_version_1(diff, raw, tuned):
     """Re-encode every .wdc of ``diff`` in version 1's layout (byte planes, highest first), with plain numpy and
-    zstd, and update its SHA256SUMS: a diff as weight-diff 0.2.0 wrote it."""
+    zstd: a diff as weight-diff 0.2.0 wrote it."""
+
+    def block(residual, width):
+        planes = residual.reshape(-1).numpy().view(np.uint8).reshape(-1, width)[:, ::-1].T
+        return zstandard.ZstdCompressor(level=1, write_checksum=True).compress(planes.tobytes())
+
+    _rewrite(diff, raw, tuned, 1, block)
+
+
+def _rewrite(diff, raw, tuned, version, encode):
+    """Re-encode every block of every .wdc of ``diff`` with ``encode(residual rows, width)``, mark the files
+    ``version`` and update the diff's SHA256SUMS."""
     raw_tensors, tuned_tensors = plain_tensors(raw), plain_tensors(tuned)
     sums = (diff / "SHA256SUMS").read_text()
     for path in sorted(diff.glob("*.wdc")):
@@ -319,13 +394,11 @@ def _rewrite_as_version_1(diff, raw, tuned):
             residual = _residual(tuned_tensors[name], raw_tensors.get(name), entry["raw_rows"])
             blocks = []
             for start, stop, _, _ in entry["blocks"]:
-                width = residual.dtype.itemsize
-                planes = residual[start:stop].reshape(-1).numpy().view(np.uint8).reshape(-1, width)[:, ::-1].T
-                frame = zstandard.ZstdCompressor(level=1, write_checksum=True).compress(planes.tobytes())
-                blocks.append([start, stop, len(out), len(frame)])
-                out += frame
+                payload = encode(residual[start:stop], residual.dtype.itemsize)
+                blocks.append([start, stop, len(out), len(payload)])
+                out += payload
             entry["blocks"] = blocks
-        index["version"] = 1
+        index["version"] = version
         body = json.dumps(index).encode()
         out += body + struct.pack("<Q8s", len(body), b"WDCOMPCT")
         sums = sums.replace(hashlib.sha256(data).hexdigest(), hashlib.sha256(out).hexdigest())
@@ -333,11 +406,12 @@ def _rewrite_as_version_1(diff, raw, tuned):
     (diff / "SHA256SUMS").write_text(sums)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_a_version_1_diff_still_recovers_bit_for_bit(compact_pairs, copy_dir, dtype, tmp_path):
+@pytest.mark.parametrize(("version", "dtype"), [(1, torch.float32), (1, torch.bfloat16), (2, torch.float32),
+                                                 (2, torch.bfloat16)], ids=str)  # fmt: skip
+def test_a_diff_of_an_earlier_version_still_recovers_bit_for_bit(compact_pairs, copy_dir, version, dtype, tmp_path):
     raw, tuned, diff = compact_pairs[dtype]
-    old = copy_dir(diff, "v1")
-    _rewrite_as_version_1(old, raw, tuned)
+    old = copy_dir(diff, f"v{version}")
+    {1: _rewrite_as_version_1, 2: _rewrite_as_version_2}[version](old, raw, tuned)
     result = run("recover", "--path_raw", raw, "--path_diff", old, "--path_tuned", tmp_path / "out", "--quiet")
     assert result.exit_code == 0, result.output
     assert "verified: 21 tensors match the publisher's manifest" in result.output
@@ -422,7 +496,7 @@ def test_a_damaged_container_index_is_one_clear_refusal(compact_pairs, tmp_path,
         ContainerReader(path)
 
 
-@pytest.mark.parametrize("version", [3, True, "2"], ids=["newer", "bool", "string"])
+@pytest.mark.parametrize("version", [4, True, "3"], ids=["newer", "bool", "string"])
 def test_a_compact_file_of_another_version_asks_for_an_upgrade(compact_pairs, copy_dir, tmp_path, version):
     raw, _, diff = compact_pairs[torch.bfloat16]
     diff = copy_dir(diff, "future")
@@ -435,7 +509,7 @@ def test_a_compact_file_of_another_version_asks_for_an_upgrade(compact_pairs, co
     path.write_bytes(data[: -16 - length] + body + struct.pack("<Q8s", len(body), b"WDCOMPCT"))
     result = run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", tmp_path / "out")
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert f"{path.name}: compact format version {version}; this weight-diff reads versions 1, 2: upgrade" in (
+    assert f"{path.name}: compact format version {version}; this weight-diff reads versions 1, 2, 3: upgrade" in (
         result.output
     )
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

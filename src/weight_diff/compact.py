@@ -53,10 +53,11 @@ DECODE_WORKERS = 1
 RING_DEPTH = 10  # blocks in flight: read ahead, two in the codec, one being hashed, writes queued
 CODEC = {
     "transform": "xor: tuned bits XOR bits of raw cast to the tuned dtype (round to nearest even); 0 where no raw",
-    "bytes": "split by significance per block: a bitmap of the values whose highest byte is not zero, those highest "
-    "bytes, every value's second-highest byte, then the remaining low bytes of every value as stored",
+    "bytes": "split by significance per block: for each value whose highest byte is not zero, its step from the "
+    "previous one (steps over 255 in entries of 255 with a zero byte), then those highest bytes, every value's "
+    "second-highest byte, then the remaining low bytes of every value as stored",
     "compressor": "zstd",
-    "frames": "two per block: the bitmap and highest bytes, then the rest",
+    "frames": "two per block: the steps and highest bytes, then the rest",
     "parameters": [SPARSE_PARAMETERS, DENSE_PARAMETERS],
     "checksum": "zstd content checksum (XXH64 of the frame's decoded bytes) in every frame",
 }

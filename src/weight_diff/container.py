@@ -1,6 +1,6 @@
 """The compact diff's file: per-block payloads streamed to disk, then an index that tools can list.
 
-Layout of a ``.wdc`` file (versions 1 and 2 differ only in how a block's bytes are laid out, codec.py), all
+Layout of a ``.wdc`` file (versions 1, 2 and 3 differ only in how a block's bytes are laid out, codec.py), all
 integers little-endian::
 
     b"WDCOMPCT"                       8 bytes, magic
@@ -12,7 +12,7 @@ integers little-endian::
 The index sits at the end, as in zip and Parquet, because compressed sizes are known only once a block is
 written: the writer streams and never holds more than a block. A reader takes the last 16 bytes, then the JSON::
 
-    {"format": "weight-diff-compact", "version": 2,
+    {"format": "weight-diff-compact", "version": 3,
      "codec": {"transform": "xor", ...},
      "tensors": {"model.embed_tokens.weight": {
          "dtype": "bfloat16", "shape": [32001, 5120], "raw_dtype": "float16", "raw_rows": 32000,
@@ -47,7 +47,7 @@ from .writer import PartialFile
 MAGIC = b"WDCOMPCT"
 FORMAT = "weight-diff-compact"
 VERSION = codec.VERSION  # written; every version in READS is read
-READS = (1, 2)
+READS = (1, 2, 3)
 SUFFIX = ".wdc"
 _TRAILER = struct.Struct("<Q8s")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
