@@ -258,6 +258,19 @@ def test_a_step_over_255_values_is_taken_in_entries_of_255_with_a_zero_top_byte(
     assert torch.equal(codec.join_residual(sections, torch.empty(1200, dtype=torch.int16)), values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_block_the_fine_tune_left_as_it_was_has_no_entries_and_decodes(dtype):
+    # A frozen layer: tuned is raw cast to its dtype, so the residual is all zero and the sparse frame is empty.
+    raw = torch.randn(64, 48, generator=torch.Generator().manual_seed(5)).half()
+    tuned = raw.to(dtype)
+    buffer = torch.empty(codec.payload_capacity(tuned.numel(), dtype.itemsize), dtype=torch.uint8)
+    payload = bytes(codec.BlockEncoder().encode(tuned, raw, out=buffer))
+    first = zstandard.ZstdDecompressor().decompressobj()
+    assert first.decompress(payload) == b""  # no steps, no tops
+    out = codec.BlockDecoder().decode(payload, raw, torch.empty_like(tuned))
+    assert torch.equal(out.view(torch.uint8), tuned.view(torch.uint8))
+
+
 def test_version_2_bitmaps_are_still_read():
     # As weight-diff 0.3 wrote them: a bitmap (most significant bit first) marking values 0 and 2, then their tops.
     values = torch.tensor([0x1234, 0x00CD, 0xABCD - 0x10000], dtype=torch.int16)
