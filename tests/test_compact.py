@@ -462,7 +462,7 @@ def test_the_raw_is_cast_as_torch_casts_directly_for_every_value(pair):
     for values in (finite, every, every[~torch.isfinite(every)]):
         expected = torch.empty(values.shape, dtype=target)
         expected.copy_(values)  # torch's direct cast, the format's definition
-        got = codec.cast_to(values, target, codec._Scratch())
+        got = codec.cast_to(values, target, codec.Scratch())
         assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
 
 

@@ -64,7 +64,7 @@ def bits_of(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(BITS_DTYPES[tensor.dtype.itemsize])
 
 
-class _Scratch:
+class Scratch:
     """Reused work buffers for one thread: first touch of fresh memory costs more than the XOR itself."""
 
     def __init__(self) -> None:
@@ -78,7 +78,7 @@ class _Scratch:
         return buffer[:nbytes]
 
 
-def residual_bits(tuned: torch.Tensor, raw: torch.Tensor | None, scratch: _Scratch) -> torch.Tensor:
+def residual_bits(tuned: torch.Tensor, raw: torch.Tensor | None, scratch: Scratch) -> torch.Tensor:
     """Return tuned's bits XOR the bits of ``raw`` cast to tuned's dtype (tuned's bits when raw is None)."""
     bits = bits_of(tuned)
     if raw is None:
@@ -87,15 +87,16 @@ def residual_bits(tuned: torch.Tensor, raw: torch.Tensor | None, scratch: _Scrat
     return torch.bitwise_xor(bits, cast_bits, out=cast_bits)
 
 
-def cast_to(raw: torch.Tensor, dtype: torch.dtype, scratch: _Scratch) -> torch.Tensor:
-    """Return ``raw`` cast to ``dtype`` (round to nearest even) in a reused buffer.
+def cast_to(raw: torch.Tensor, dtype: torch.dtype, scratch: Scratch, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``raw`` cast to ``dtype`` (round to nearest even) in ``out`` (bytes) or a reused buffer.
 
     Between the two half-precision dtypes the cast goes through float32, at 3x the speed of the direct cast
     (measured: 1.4 GB/s direct, 4.8 GB/s the two vectorised steps). The first step is exact, and the second rounds
     finite values as the direct cast does (tests check every value of both dtypes); NaN bits differ between the
     two paths, so a block whose sum is not finite takes the direct cast.
     """
-    cast = scratch.get("cast", raw.numel() * dtype.itemsize).view(dtype).view(raw.shape)
+    nbytes = raw.numel() * dtype.itemsize
+    cast = (scratch.get("cast", nbytes) if out is None else out[:nbytes]).view(dtype).view(raw.shape)
     if raw.dtype.itemsize == 2 and dtype.itemsize == 2 and raw.dtype != dtype:
         wide = scratch.get("wide", raw.numel() * 4).view(torch.float32).view(raw.shape)
         if torch.isfinite(wide.copy_(raw).sum()):
@@ -220,7 +221,7 @@ class BlockEncoder:
     def __init__(self) -> None:
         self._sparse = _compressor(SPARSE_PARAMETERS)
         self._dense = _compressor(DENSE_PARAMETERS)
-        self._scratch = _Scratch()
+        self._scratch = Scratch()
 
     def encode(self, tuned: torch.Tensor, raw: torch.Tensor | None, out: torch.Tensor) -> memoryview:
         """Return two zstd frames holding ``tuned`` relative to ``raw`` (rows of the same shape, or None), written
@@ -267,21 +268,31 @@ class BlockDecoder:
 
     def __init__(self) -> None:
         self._zstd = zstandard.ZstdDecompressor()
-        self._scratch = _Scratch()
+        self._scratch = Scratch()
 
     def decode(
         self, payload: bytes | memoryview, raw: torch.Tensor | None, out: torch.Tensor, version: int = VERSION
     ) -> torch.Tensor:
         """Return ``out`` (tuned's dtype and the block's shape) filled with the tuned values the payload encodes,
-        laid out as ``version`` lays a block out.
+        laid out as ``version`` lays a block out: :meth:`unpack`, then :meth:`finish` against ``raw`` cast.
 
         Raises BlockError when the frame is damaged or its checksum fails.
         """
-        count = out.numel()
-        nbytes = count * out.dtype.itemsize
-        limit = nbytes if version == 1 else sections_nbytes(count, out.dtype.itemsize)
-        decoded = self._scratch.get("sections", limit + 1)  # one byte more: a longer frame is seen as longer
-        view = memoryview(decoded.numpy())
+        sections = self.unpack(payload, out.numel(), out.dtype.itemsize, version)
+        cast = None if raw is None else cast_to(raw, out.dtype, self._scratch)
+        return self.finish(sections, cast, out, version)
+
+    def unpack(
+        self, payload: bytes | memoryview, count: int, itemsize: int, version: int, out: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """Return a block's decoded bytes (its sections), in ``out`` (bytes, at least :func:`unpacked_capacity`)
+        or a reused buffer; every frame's checksum checked.
+
+        Raises BlockError when a frame is damaged, its checksum fails, or it decodes to more than the block holds.
+        """
+        limit = unpacked_capacity(count, itemsize, version) - 1
+        decoded = self._scratch.get("sections", limit + 1) if out is None else out[: limit + 1]
+        view = memoryview(decoded.numpy())  # one byte more than the limit: a longer frame is seen as longer
         done = 0
         try:
             # Read to the last frame's end: zstd checks each frame's content checksum only there.
@@ -293,13 +304,29 @@ class BlockDecoder:
             raise BlockError(str(exc)) from None
         if extra or done > limit:
             raise BlockError(f"decodes to more than {limit} bytes")
+        return decoded.numpy()[:done]
+
+    def finish(
+        self, sections: np.ndarray, cast: torch.Tensor | None, out: torch.Tensor, version: int = VERSION
+    ) -> torch.Tensor:
+        """Return ``out`` filled from a block's sections XOR ``cast`` (the raw rows already cast to ``out``'s
+        dtype; None: no raw).
+
+        Raises BlockError when the sections do not fit the block.
+        """
         if version == 1:
-            if done != nbytes:
-                raise BlockError(f"decodes to {done} bytes, expected {nbytes}")
-            bits = ungroup_bytes(decoded[:nbytes], bits_of(out))
+            nbytes = out.numel() * out.dtype.itemsize
+            if len(sections) != nbytes:
+                raise BlockError(f"decodes to {len(sections)} bytes, expected {nbytes}")
+            bits = ungroup_bytes(torch.from_numpy(sections), bits_of(out))
         else:
             join = join_bitmap_residual if version == 2 else join_residual
-            bits = join(decoded.numpy()[:done], bits_of(out))
-        if raw is not None:
-            torch.bitwise_xor(bits, bits_of(cast_to(raw, out.dtype, self._scratch)), out=bits)
+            bits = join(sections, bits_of(out))
+        if cast is not None:
+            torch.bitwise_xor(bits, bits_of(cast), out=bits)
         return out
+
+
+def unpacked_capacity(count: int, itemsize: int, version: int = VERSION) -> int:
+    """Return the bytes :meth:`BlockDecoder.unpack` needs for a block: the most its sections can take, plus one."""
+    return (count * itemsize if version == 1 else sections_nbytes(count, itemsize)) + 1

@@ -3,9 +3,10 @@
 ``make-diff --format compact`` writes, for each tensor, the tuned bits XOR the raw bits cast to the tuned dtype
 (codec.py), into ``.wdc`` files (container.py); ``recover`` undoes it and gets the tuned model back bit for bit,
 in its own dtype. Rows with no raw counterpart (added vocabulary rows, tensors the raw model lacks) are stored as
-they are. Blocks are encoded or decoded on a pool of threads (zstd and torch release the GIL) and consumed in
-order on the calling thread, which hashes the tuned values; files are hashed and written on lanes of their own.
-A ring of reused buffers keeps memory flat.
+they are. Blocks are encoded on a pool of threads (zstd and torch release the GIL) and consumed in order on the
+calling thread, which hashes the tuned values; recover decompresses and casts on the read lanes and joins and
+hashes on one codec thread. Files are hashed and written on lanes of their own. A ring of reused buffers keeps
+memory flat.
 
 >>> plan = plan_make(raw.tensors, tuned.tensors, max_shard_size="5GB")
 >>> CompactStream(plan, raw, out_dir, progress=bar.update).encode(tuned, skip=frozenset(), on_tensor=..., on_shard=...)
@@ -22,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .arithmetic import finite_range
@@ -35,7 +37,17 @@ from .checkpoint import (
     shape_row_numel,
     shape_rows,
 )
-from .codec import DENSE_PARAMETERS, SPARSE_PARAMETERS, BlockDecoder, BlockEncoder, BlockError, payload_capacity
+from .codec import (
+    DENSE_PARAMETERS,
+    SPARSE_PARAMETERS,
+    BlockDecoder,
+    BlockEncoder,
+    BlockError,
+    Scratch,
+    cast_to,
+    payload_capacity,
+    unpacked_capacity,
+)
 from .container import SUFFIX, CompactTensor, ContainerReader, ContainerWriter, compact_files
 from .errors import IntegrityError, PlanError, UsageError
 from .manifest import Digest, TensorRecord, dtype_name, tensor_bytes
@@ -45,9 +57,9 @@ from .writer import ShardWriter
 
 BLOCK_ELEMENTS = 2 * 2**20  # measured: 1M to 16M values per block compress alike; 2M runs 5-10% faster than 4M (cache)
 # Codec threads, on the two-core machines this is made for. Encoding is the heavy part of make-diff: two threads.
-# Decoding is lighter than recover's two SHA-256 passes over the output (per tensor, per file), which run in order
-# on threads of their own: a second decoder only took CPU from them (float32 tune, 13B width: 8.2-8.8 s with two,
-# 7.6-8.4 s with one; bfloat16 tune the same 5.5 s, 11% less CPU).
+# Recover's one codec thread joins each block and hashes it for the manifest at once, in block order, while the
+# block is in its cache. Two, taking turns at the hash, ran no faster (float32 tune, 13B width, 5 rounds: median
+# 6.2 s both) for 1 s more CPU.
 ENCODE_WORKERS = 2
 DECODE_WORKERS = 1
 RING_DEPTH = 10  # blocks in flight: read ahead, two in the codec, one being hashed, writes queued
@@ -196,13 +208,17 @@ class _Buffers:
     raw: torch.Tensor
     other: torch.Tensor
     payload: torch.Tensor  # the compressed block: encoded into (make-diff), read into (recover)
+    sections: torch.Tensor  # recover: the payload decompressed
+    cast: torch.Tensor  # recover: the raw rows cast to the tuned dtype
     pending: list[Future] = field(default_factory=list)
 
     @classmethod
     def allocate(cls, elements: int) -> _Buffers:
+        """Allocate for blocks of up to ``elements`` values of up to 8 bytes (memory is taken only where used)."""
         nbytes = elements * 8 + 2 * DIRECT_ALIGN  # page-aligned with slack each side, for O_DIRECT reads
         payload = aligned_bytes(payload_capacity(elements, 8) + 2 * DIRECT_ALIGN)
-        return cls(raw=aligned_bytes(nbytes), other=aligned_bytes(nbytes), payload=payload)
+        sections = aligned_bytes(unpacked_capacity(elements, 8))
+        return cls(aligned_bytes(nbytes), aligned_bytes(nbytes), payload, sections, aligned_bytes(elements * 8))
 
     def wait(self) -> None:
         """Block until no lane uses these buffers, re-raising the first failure."""
@@ -231,6 +247,21 @@ def _record(job: CompactJob, result: hashlib._Hash) -> TensorRecord:
     raw = Digest(dtype_name(job.raw.dtype), list(job.raw.shape), None) if job.raw is not None else None
     return TensorRecord(raw=raw, diff=None, result=Digest(dtype_name(job.out_dtype), list(job.out_shape),
                                                            result.hexdigest()))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _damage(block: _Block) -> Iterator[None]:
+    """Turn a block's BlockError into an IntegrityError naming the file, tensor, rows and bytes."""
+    try:
+        yield
+    except BlockError as exc:
+        entry = block.job.other
+        stored = entry.blocks[block.index]
+        raise IntegrityError(
+            f"{entry.file}: block {block.index} of tensor {entry.name} (rows {block.start}:{block.stop}, "
+            f"{stored.size} bytes at offset {stored.offset}) is damaged ({exc}); download "
+            f"{entry.file.name} again. No model was written"
+        ) from None
 
 
 class CompactStream:
@@ -268,7 +299,9 @@ class CompactStream:
                 writer = ContainerWriter(self.out_dir, shard.file_name, CODEC)
                 try:
                     result, nonfinite = hashlib.sha256(), False
-                    for block, buffers, (values, payload, odd) in self._in_order(lanes, read, work, _blocks(shard)):
+                    for block, buffers, (values, payload, odd) in self._in_order(
+                        lanes, self._read_raw, read, work, _blocks(shard)
+                    ):
                         job = block.job
                         if block.index == 0:
                             result, nonfinite = hashlib.sha256(), False
@@ -292,25 +325,33 @@ class CompactStream:
         """Write every safetensors shard of the plan not in ``skip``, each tensor bit for bit as the publisher's."""
         readers: dict[Path, ContainerReader] = {}
 
-        def read(block: _Block, buffers: _Buffers):
+        results: dict[str, hashlib._Hash] = {}  # each tensor's hash so far, on the codec thread
+
+        # The read lanes also do the work that needs only what they read (zstd on the payload, the cast on the raw
+        # rows), and the one codec thread hashes each block while it is still in cache: recover's codec thread was
+        # its busiest, and hashing a block it had just written took 1.3-2 s less CPU than on another thread.
+        def read(block: _Block, buffers: _Buffers) -> np.ndarray:
             entry = block.job.other
             if entry.file not in readers:
                 readers[entry.file] = ContainerReader(entry.file)
-            return readers[entry.file].read_block(entry.blocks[block.index], out=buffers.payload)
+            payload = readers[entry.file].read_block(entry.blocks[block.index], out=buffers.payload)
+            with _damage(block):
+                return self._codec(BlockDecoder).unpack(
+                    payload, block.numel, block.job.out_dtype.itemsize, entry.version, out=buffers.sections
+                )
 
-        def work(block: _Block, buffers: _Buffers, raw, payload) -> tuple[torch.Tensor, bool]:
-            entry = block.job.other
+        def read_raw(block: _Block, buffers: _Buffers) -> torch.Tensor | None:
+            raw = self._read_raw(block, buffers)
+            return None if raw is None else cast_to(raw, block.job.out_dtype, self._codec(Scratch), out=buffers.cast)
+
+        def work(block: _Block, buffers: _Buffers, cast, sections) -> tuple[torch.Tensor, bool]:
             count = block.numel * block.job.out_dtype.itemsize
             out = buffers.other[:count].view(block.job.out_dtype).view(block.shape)
-            try:
-                values = self._codec(BlockDecoder).decode(payload, raw, out, entry.version)
-            except BlockError as exc:
-                stored = entry.blocks[block.index]
-                raise IntegrityError(
-                    f"{entry.file}: block {block.index} of tensor {entry.name} (rows {block.start}:{block.stop}, "
-                    f"{stored.size} bytes at offset {stored.offset}) is damaged ({exc}); download "
-                    f"{entry.file.name} again. No model was written"
-                ) from None
+            with _damage(block):
+                values = self._codec(BlockDecoder).finish(sections, cast, out, block.job.other.version)
+            if block.index == 0:
+                results[block.job.name] = hashlib.sha256()
+            results[block.job.name].update(tensor_bytes(values))  # in block order: DECODE_WORKERS is 1
             return values, _nonfinite(values)
 
         try:
@@ -319,28 +360,25 @@ class CompactStream:
                     if shard.file_name in skip:
                         self.progress(shard.nbytes)
                         continue
-                    self._decode_shard(shard, lanes, read, work, on_tensor, on_shard)
+                    self._decode_shard(shard, lanes, (read_raw, read, work), results, on_tensor, on_shard)
         finally:
             for reader in readers.values():
                 reader.close()
 
-    def _decode_shard(self, shard: ShardPlan, lanes: _Lanes, read, work, on_tensor, on_shard) -> None:
+    def _decode_shard(self, shard: ShardPlan, lanes: _Lanes, steps, results, on_tensor, on_shard) -> None:
         writer = ShardWriter(self.out_dir, shard)
         file_hash = hashlib.sha256(writer.header)
 
         try:
-            result, nonfinite = hashlib.sha256(), False
-            for block, buffers, (values, odd) in self._in_order(lanes, read, work, _stored_blocks(shard)):
-                if block.index == 0:
-                    result, nonfinite = hashlib.sha256(), False
+            nonfinite = False
+            for block, buffers, (values, odd) in self._in_order(lanes, *steps, _stored_blocks(shard)):
+                nonfinite = odd or (nonfinite and block.index > 0)
                 data = tensor_bytes(values)
-                result.update(data)
-                nonfinite = nonfinite or odd
                 # Hashed and written on lanes of their own: a write waits on the disk, the hash need not wait.
                 buffers.pending += [lanes.hash.submit(file_hash.update, data), lanes.write.submit(writer.write, data)]
                 self.progress(len(data))
                 if block.stop == block.job.rows:
-                    on_tensor(block.job, _record(block.job, result), nonfinite)
+                    on_tensor(block.job, _record(block.job, results.pop(block.job.name)), nonfinite)
             digest = lanes.hash.submit(file_hash.hexdigest)  # the lane is ordered: after every block's update
             lanes.write.submit(writer.finish).result()
         except BaseException:
@@ -387,10 +425,13 @@ class CompactStream:
             with contextlib.suppress(BaseException):  # the first failure is already on its way up
                 buffers.wait()
 
-    def _in_order(self, lanes: _Lanes, read: Callable, work: Callable, blocks: Iterator[_Block]) -> Iterator[tuple]:
-        """Yield ``(block, buffers, work(block, buffers, read(block, buffers)))`` in block order.
+    def _in_order(
+        self, lanes: _Lanes, read_raw: Callable, read: Callable, work: Callable, blocks: Iterator[_Block]
+    ) -> Iterator[tuple]:
+        """Yield ``(block, buffers, work(block, buffers, read_raw(block, buffers), read(block, buffers)))`` in block
+        order.
 
-        Reads run ahead on their lane, work on the codec threads; a ring slot is given to a new block only when
+        Reads run ahead on their lanes, work on the codec threads; a ring slot is given to a new block only when
         the caller and every lane are done with its previous one.
         """
         ring = self._ring
@@ -401,7 +442,7 @@ class CompactStream:
                 yield done, buffers, future.result()
             buffers = ring[index % len(ring)]
             buffers.wait()
-            raw = lanes.raw.submit(self._read_raw, block, buffers)
+            raw = lanes.raw.submit(read_raw, block, buffers)
             rows = lanes.read.submit(read, block, buffers)
             future = lanes.codec.submit(_after, raw, rows, work, block, buffers)
             buffers.pending += [raw, rows, future]
