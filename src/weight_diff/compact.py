@@ -57,11 +57,10 @@ from .writer import ShardWriter
 
 BLOCK_ELEMENTS = 2 * 2**20  # measured: 1M to 16M values per block compress alike; 2M runs 5-10% faster than 4M (cache)
 # Codec threads, on the two-core machines this is made for. Encoding is the heavy part of make-diff: two threads.
-# Recover's one codec thread joins each block and hashes it for the manifest at once, in block order, while the
-# block is in its cache. Two, taking turns at the hash, ran no faster (float32 tune, 13B width, 5 rounds: median
-# 6.2 s both) for 1 s more CPU.
+# Recover has one, which joins each block and hashes it for the manifest at once, in block order (so it must stay
+# one), while the block is in its cache. Two, taking turns at the hash, ran no faster (float32 tune, 13B width,
+# 5 rounds: median 6.2 s both) for 1 s more CPU.
 ENCODE_WORKERS = 2
-DECODE_WORKERS = 1
 RING_DEPTH = 10  # blocks in flight: read ahead, two in the codec, one being hashed, writes queued
 CODEC = {
     "transform": "xor: tuned bits XOR bits of raw cast to the tuned dtype (round to nearest even); 0 where no raw",
@@ -351,11 +350,11 @@ class CompactStream:
                 values = self._codec(BlockDecoder).finish(sections, cast, out, block.job.other.version)
             if block.index == 0:
                 results[block.job.name] = hashlib.sha256()
-            results[block.job.name].update(tensor_bytes(values))  # in block order: DECODE_WORKERS is 1
+            results[block.job.name].update(tensor_bytes(values))  # in block order: one codec thread
             return values, _nonfinite(values)
 
         try:
-            with self._lanes(DECODE_WORKERS) as lanes:
+            with self._lanes(workers=1) as lanes:
                 for shard in self.plan.shards:
                     if shard.file_name in skip:
                         self.progress(shard.nbytes)
