@@ -509,6 +509,23 @@ def test_a_damaged_container_index_is_one_clear_refusal(compact_pairs, tmp_path,
         ContainerReader(path)
 
 
+def test_an_index_larger_than_any_weight_diff_writes_is_refused_unread(compact_pairs, copy_dir, tmp_path):
+    from weight_diff.container import MAX_INDEX_BYTES
+
+    raw, _, diff = compact_pairs[torch.bfloat16]
+    diff = copy_dir(diff, "huge-index")
+    path = sorted(diff.glob("*.wdc"))[0]
+    with open(path, "r+b") as file:  # a sparse hole, then a trailer that claims it all as the index
+        size = len(b"WDCOMPCT") + MAX_INDEX_BYTES + 1
+        file.truncate(size)
+        file.seek(size)
+        file.write(struct.pack("<Q8s", MAX_INDEX_BYTES + 1, b"WDCOMPCT"))
+    result = run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", tmp_path / "out")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{path.name}: its index claims {MAX_INDEX_BYTES + 1} bytes, more than weight-diff writes" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("version", [4, True, "3"], ids=["newer", "bool", "string"])
 def test_a_compact_file_of_another_version_asks_for_an_upgrade(compact_pairs, copy_dir, tmp_path, version):
     raw, _, diff = compact_pairs[torch.bfloat16]
