@@ -126,6 +126,18 @@ def test_make_diff_from_meta_has_the_raw_fingerprints_of_the_conversion(meta_dir
     assert ours.tensors == reference.tensors
 
 
+def test_a_compact_diff_made_and_recovered_with_meta_as_raw_is_the_conversions(meta_dirs, pair, tmp_path):
+    # Raw rows (q/k gathered across heads, wo/w2 joined across shards) come from their own read lane here.
+    make_diff(pair[0], pair[1], tmp_path / "from-hf", diff_format="compact", max_shard_size="300KB")
+    make_diff(meta_dirs[2], pair[1], tmp_path / "from-meta", diff_format="compact", max_shard_size="300KB")
+    wdc = sorted(path.name for path in (tmp_path / "from-hf").glob("*.wdc"))
+    assert len(wdc) > 1 and wdc == sorted(path.name for path in (tmp_path / "from-meta").glob("*.wdc"))
+    for name in wdc:
+        assert (tmp_path / "from-meta" / name).read_bytes() == (tmp_path / "from-hf" / name).read_bytes()
+    report = recover(meta_dirs[4].parent, tmp_path / "from-meta", tmp_path / "out")
+    assert report.verified and same_tensors(load_tensors(tmp_path / "out"), load_tensors(pair[1]))
+
+
 def test_compare_and_inspect_read_a_meta_directory(meta_dirs, pair):
     assert compare_models(meta_dirs[4], pair[0]).agrees
     found = inspect_path(meta_dirs[2])
