@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import fill_disk_after, interrupt_after, load_tensors, snapshot
-from weight_diff import output
+from weight_diff import output, writer
 from weight_diff.cli import main
 from weight_diff.jobs import recover
 from weight_diff.tiny_llama import save_checkpoint
@@ -283,3 +283,46 @@ def test_a_signal_stops_a_running_recovery_within_seconds_and_resume_finishes(pa
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "kept from the interrupted run" in resumed.stdout and "verified: 21 tensors" in resumed.stdout
+
+
+def interrupt_once_created(monkeypatch, nth: int) -> None:
+    """Raise KeyboardInterrupt (as a Ctrl-C would) just after the ``nth`` file of a run is created under its
+    ``.partial`` name, before the writer that made it can take charge of it: the worst moment for cleanup."""
+    real_init = writer.StagedFile.__init__
+    created = {"files": 0}
+
+    def init(self, path, *args, **kwargs):
+        real_init(self, path, *args, **kwargs)
+        created["files"] += 1
+        if created["files"] == nth:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer.StagedFile, "__init__", init)
+
+
+@pytest.mark.parametrize("diff_format", ["float32", "compact"])
+def test_a_ctrl_c_as_a_file_is_created_leaves_no_partial_file_and_resume_finishes(
+    pair, tmp_path, monkeypatch, diff_format
+):
+    from weight_diff.jobs import make_diff
+
+    raw, tuned = pair
+    reference = tmp_path / "reference"
+    make_diff(raw, tuned, reference, diff_format=diff_format, max_shard_size="100KB")
+    diff = tmp_path / "diff"
+    with monkeypatch.context() as patched:
+        interrupt_once_created(patched, 2)
+        with pytest.raises(KeyboardInterrupt):
+            make_diff(raw, tuned, diff, diff_format=diff_format, max_shard_size="100KB")
+    assert not list(diff.glob("*.partial")) and (diff / output.JOURNAL_NAME).is_file()
+    make_diff(raw, tuned, diff, diff_format=diff_format, max_shard_size="100KB", resume=True)
+    assert snapshot(diff) == snapshot(reference)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patched:
+        interrupt_once_created(patched, 2)
+        with pytest.raises(KeyboardInterrupt):
+            recover(raw, diff, out, max_shard_size="100KB")
+    assert not list(out.glob("*.partial")) and not (out / "config.json").exists()
+    report = recover(raw, diff, out, max_shard_size="100KB", resume=True)
+    assert report.resumed_shards >= 1 and report.verified

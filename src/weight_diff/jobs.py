@@ -485,37 +485,43 @@ def _run(
 
     if on_plan is not None:
         on_plan(plan)
-    if stream is not None:
-        stream(done, on_shard)
-    else:
-        pipeline = Pipeline(
-            plan,
-            raw,
-            other,
-            out,
-            mode=mode,
-            hashing=hashing,
-            on_tensor=look,
-            on_shard=on_shard,
-            progress=progress or (lambda nbytes: None),
-            observe=plausibility.observe if plausibility is not None else None,
-            before_finish=before_finish,
-        )
-        pipeline.run(skip=done)
+    try:
+        if stream is not None:
+            stream(done, on_shard)
+        else:
+            pipeline = Pipeline(
+                plan,
+                raw,
+                other,
+                out,
+                mode=mode,
+                hashing=hashing,
+                on_tensor=look,
+                on_shard=on_shard,
+                progress=progress or (lambda nbytes: None),
+                observe=plausibility.observe if plausibility is not None else None,
+                before_finish=before_finish,
+            )
+            pipeline.run(skip=done)
 
-    if len(plan.shards) > 1 and plan.shards[0].file_name.endswith(".safetensors"):  # compact files list themselves
-        index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map}
-        small[SAFETENSORS_INDEX] = files.json_bytes(index)
-    config_bytes = files.json_bytes(config)
-    for name, make in extra_files.items():
-        small[name] = make({**small, files.CONFIG_NAME: config_bytes})
-    sums = dict(journal.shards)
-    for name, data in small.items():
-        files.write_atomic(out / name, data)
-        sums[name] = _sha256(data)
-    sums[files.CONFIG_NAME] = _sha256(config_bytes)
-    files.write_atomic(out / SUMS_NAME, format_sums(sums).encode())
-    files.write_atomic(out / files.CONFIG_NAME, config_bytes)  # last: from now on the directory loads as a model
+        if len(plan.shards) > 1 and plan.shards[0].file_name.endswith(".safetensors"):  # .wdc files list themselves
+            index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map}
+            small[SAFETENSORS_INDEX] = files.json_bytes(index)
+        config_bytes = files.json_bytes(config)
+        for name, make in extra_files.items():
+            small[name] = make({**small, files.CONFIG_NAME: config_bytes})
+        sums = dict(journal.shards)
+        for name, data in small.items():
+            files.write_atomic(out / name, data)
+            sums[name] = _sha256(data)
+        sums[files.CONFIG_NAME] = _sha256(config_bytes)
+        files.write_atomic(out / SUMS_NAME, format_sums(sums).encode())
+        files.write_atomic(out / files.CONFIG_NAME, config_bytes)  # last: from now on the directory loads as a model
+    except BaseException:
+        # The writers remove their own partial files, but a Ctrl-C can land between a file's creation and the
+        # code that would clean it up; the lanes have stopped by now, so whatever is still partial goes.
+        output.remove_partials(out)
+        raise
     journal.remove()
     return RunReport(
         out_dir=out,
