@@ -324,11 +324,9 @@ class CompactStream:
         """Write every safetensors shard of the plan not in ``skip``, each tensor bit for bit as the publisher's."""
         readers: dict[Path, ContainerReader] = {}
 
-        results: dict[str, hashlib._Hash] = {}  # each tensor's hash so far, on the codec thread
-
         # The read lanes also do the work that needs only what they read (zstd on the payload, the cast on the raw
-        # rows), and the one codec thread hashes each block while it is still in cache: recover's codec thread was
-        # its busiest, and hashing a block it had just written took 1.3-2 s less CPU than on another thread.
+        # rows), so the codec thread only joins; the two SHA-256 passes (the tensors for the manifest, the file for
+        # SHA256SUMS) run on lanes of their own.
         def read(block: _Block, buffers: _Buffers) -> np.ndarray:
             entry = block.job.other
             if entry.file not in readers:
@@ -348,9 +346,6 @@ class CompactStream:
             out = buffers.other[:count].view(block.job.out_dtype).view(block.shape)
             with _damage(block):
                 values = self._codec(BlockDecoder).finish(sections, cast, out, block.job.other.version)
-            if block.index == 0:
-                results[block.job.name] = hashlib.sha256()
-            results[block.job.name].update(tensor_bytes(values))  # in block order: one codec thread
             return values, _nonfinite(values)
 
         try:
@@ -359,25 +354,39 @@ class CompactStream:
                     if shard.file_name in skip:
                         self.progress(shard.nbytes)
                         continue
-                    self._decode_shard(shard, lanes, (read_raw, read, work), results, on_tensor, on_shard)
+                    self._decode_shard(shard, lanes, (read_raw, read, work), on_tensor, on_shard)
         finally:
             for reader in readers.values():
                 reader.close()
 
-    def _decode_shard(self, shard: ShardPlan, lanes: _Lanes, steps, results, on_tensor, on_shard) -> None:
+    def _decode_shard(self, shard: ShardPlan, lanes: _Lanes, steps, on_tensor, on_shard) -> None:
         writer = ShardWriter(self.out_dir, shard)
         file_hash = hashlib.sha256(writer.header)
+        unchecked: deque[tuple[CompactJob, Future, bool]] = deque()  # tensors whose hash is still being taken
 
         try:
-            nonfinite = False
+            nonfinite, result = False, hashlib.sha256()
             for block, buffers, (values, odd) in self._in_order(lanes, *steps, _stored_blocks(shard)):
-                nonfinite = odd or (nonfinite and block.index > 0)
+                job = block.job
+                if block.index == 0:
+                    nonfinite, result = False, hashlib.sha256()
+                nonfinite = nonfinite or odd
                 data = tensor_bytes(values)
-                # Hashed and written on lanes of their own: a write waits on the disk, the hash need not wait.
-                buffers.pending += [lanes.hash.submit(file_hash.update, data), lanes.write.submit(writer.write, data)]
+                # Each hash on a lane of its own, in block order; the write waits on the disk, the hashes need not.
+                buffers.pending += [
+                    lanes.tensor_hash.submit(result.update, data),
+                    lanes.hash.submit(file_hash.update, data),
+                    lanes.write.submit(writer.write, data),
+                ]
                 self.progress(len(data))
-                if block.stop == block.job.rows:
-                    on_tensor(block.job, _record(block.job, results.pop(block.job.name)), nonfinite)
+                if block.stop == job.rows:
+                    unchecked.append((job, lanes.tensor_hash.submit(_record, job, result), nonfinite))
+                while unchecked and unchecked[0][1].done():  # check finished tensors without stalling
+                    job, record, odd = unchecked.popleft()
+                    on_tensor(job, record.result(), odd)
+            while unchecked:
+                job, record, odd = unchecked.popleft()
+                on_tensor(job, record.result(), odd)
             digest = lanes.hash.submit(file_hash.hexdigest)  # the lane is ordered: after every block's update
             lanes.write.submit(writer.finish).result()
         except BaseException:
@@ -410,12 +419,13 @@ class CompactStream:
                 workers, thread_name_prefix="weight-diff-codec", initializer=torch.set_num_threads, initargs=(1,)
             ),
             hash=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-hash"),
+            tensor_hash=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-tensor-hash"),
             write=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-write"),
         )
         try:
             yield lanes
         finally:
-            for lane in (lanes.read, lanes.raw, lanes.codec, lanes.hash, lanes.write):
+            for lane in (lanes.read, lanes.raw, lanes.codec, lanes.hash, lanes.tensor_hash, lanes.write):
                 lane.shutdown(wait=True, cancel_futures=True)
 
     def _drain(self) -> None:
@@ -456,7 +466,8 @@ class _Lanes:
     read: ThreadPoolExecutor
     raw: ThreadPoolExecutor
     codec: ThreadPoolExecutor
-    hash: ThreadPoolExecutor
+    hash: ThreadPoolExecutor  # the output file, for SHA256SUMS
+    tensor_hash: ThreadPoolExecutor  # recover: each tensor, for the manifest
     write: ThreadPoolExecutor
 
 
