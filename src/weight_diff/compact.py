@@ -4,9 +4,9 @@
 (codec.py), into ``.wdc`` files (container.py); ``recover`` undoes it and gets the tuned model back bit for bit,
 in its own dtype. Rows with no raw counterpart (added vocabulary rows, tensors the raw model lacks) are stored as
 they are. Blocks are encoded on a pool of threads (zstd and torch release the GIL) and consumed in order on the
-calling thread, which hashes the tuned values; recover decompresses and casts on the read lanes and joins and
-hashes on one codec thread. Files are hashed and written on lanes of their own. A ring of reused buffers keeps
-memory flat.
+calling thread, which hashes the tuned values; recover decompresses and casts on the read lanes, joins on one
+codec thread, and hashes each tensor on a lane of its own. Files are hashed and written on lanes of their own.
+A ring of reused buffers keeps memory flat.
 
 >>> plan = plan_make(raw.tensors, tuned.tensors, max_shard_size="5GB")
 >>> CompactStream(plan, raw, out_dir, progress=bar.update).encode(tuned, skip=frozenset(), on_tensor=..., on_shard=...)
@@ -57,9 +57,8 @@ from .writer import ShardWriter
 
 BLOCK_ELEMENTS = 2 * 2**20  # measured: 1M to 16M values per block compress alike; 2M runs 5-10% faster than 4M (cache)
 # Codec threads, on the two-core machines this is made for. Encoding is the heavy part of make-diff: two threads.
-# Recover has one, which joins each block and hashes it for the manifest at once, in block order (so it must stay
-# one), while the block is in its cache. Two, taking turns at the hash, ran no faster (float32 tune, 13B width,
-# 5 rounds: median 6.2 s both) for 1 s more CPU.
+# Recover has one, which only joins (2.6 s of CPU for a float32 tune at 13B width, 2 layers), its zstd and casts done
+# on the read lanes and its hashes on lanes of their own.
 ENCODE_WORKERS = 2
 RING_DEPTH = 10  # blocks in flight: read ahead, two in the codec, one being hashed, writes queued
 CODEC = {
@@ -270,8 +269,9 @@ class CompactStream:
 
     Lanes: two threads read blocks ahead, one the raw rows and one the tuned rows or the payload (two reads in
     flight: make-diff of a bfloat16 tune 3.6-3.8 s against 4.1-4.2 s with one lane for both), codec threads
-    encode or decode them, the calling thread hashes tuned values in order, one thread writes, and for recover
-    one more hashes the output file (apart from the writes, which wait on the disk).
+    encode or decode them, and one thread writes. make-diff hashes the tuned values in order on the calling
+    thread; recover hashes them on one lane and the output file on another (apart from the writes, which wait on
+    the disk).
     """
 
     def __init__(self, plan: Plan, raw: Checkpoint, out_dir: Path, *, progress: Callable[[int], None]) -> None:
