@@ -45,8 +45,10 @@ import dataclasses
 import importlib.metadata
 import json
 import math
+import mmap
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -55,6 +57,7 @@ import subprocess
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -415,6 +418,54 @@ def _floor(inputs: list[Path], out_file: Path, write_bytes: int) -> dict[str, fl
     return {"read_s": read_s, "write_s": time.perf_counter() - start - read_s}
 
 
+def _disk_floor(inputs: list[Path], out_file: Path, write_bytes: int) -> dict[str, float]:
+    """Move a recover's bytes as it moves them, all at once: each input directory's files read in order on a
+    thread of its own, `write_bytes` of random bytes written on another, every stream through O_DIRECT in 8 MiB
+    requests (buffered where the file system refuses it), the output fdatasynced at the end.
+
+    This is the disk's speed for that recover: reads and writes share this machine's disk, so reading and writing
+    at once takes longer than either alone, and nothing can recover faster than its bytes move.
+    """
+    chunk = 8 * 2**20
+    direct = getattr(os, "O_DIRECT", 0)
+
+    def open_direct(path: Path, flags: int) -> int:
+        try:
+            return os.open(path, flags | direct, 0o644)
+        except OSError:
+            return os.open(path, flags, 0o644)
+
+    def read_all(directory: Path) -> None:
+        buffer = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT wants
+        for path in sorted(p for p in directory.iterdir() if p.is_file()):
+            fd = open_direct(path, os.O_RDONLY)
+            try:
+                while os.readv(fd, [buffer]) == chunk:
+                    pass
+            finally:
+                os.close(fd)
+
+    def write_all() -> None:
+        buffer = mmap.mmap(-1, chunk)
+        buffer.write(os.urandom(chunk))  # random, not zeros: no layer below can take a shortcut
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = open_direct(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            written = 0
+            while written < write_bytes:  # whole pages: O_DIRECT writes no partial one (at most 4 KiB more)
+                size = min(chunk, -(-(write_bytes - written) // 4096) * 4096)
+                written += os.writev(fd, [memoryview(buffer)[:size]])
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(inputs) + 1) as pool:
+        for future in [pool.submit(read_all, d) for d in inputs] + [pool.submit(write_all)]:
+            future.result()
+    return {"seconds": time.perf_counter() - start}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Comparing ours with the original (runs in a subprocess: `bench.py _compare`)
 
@@ -636,6 +687,7 @@ class Bench:
         self.codec_sizes: dict[str, dict[str, int]] = {}
         self.codec_rates: dict[str, tuple[float, float]] = {}
         self.codec_ratios: dict[str, list[float]] = {}  # recover from compact / from float32 diff, round by round
+        self.codec_floors: dict[str, list[tuple[float, float]]] = {}  # (job s, its disk floor s), round by round
         self.drop_method = ""
         self.load_at_start = os.getloadavg()
 
@@ -668,7 +720,7 @@ class Bench:
         shutil.rmtree(out_dir, ignore_errors=True)
         self.drop_method = drop_page_cache([p for d in inputs for p in sorted(d.iterdir()) if p.is_file()])
         log(f"running {run.name} at {run.layers} layers ({repetition}/{self.args.repeat}) ...")
-        log_file = self.out / f"{run.name}-{run.layers}L-{repetition}.log"
+        log_file = self._log(run, repetition)
         rc, wall, peak, sync = timed(cmd, log_file, self.args.timeout)
         if rc != 0:
             timed_out = self.args.timeout is not None and wall >= self.args.timeout
@@ -680,6 +732,9 @@ class Bench:
         if run.wall_s is None or wall < run.wall_s:
             run.wall_s, run.sync_s, run.log_file = wall, sync, log_file
         run.written_bytes = dir_bytes(out_dir)
+
+    def _log(self, run: Run, repetition: int) -> Path:
+        return self.out / f"{run.name}-{run.layers}L-{repetition}.log"
 
     def floor(self, layers: int, root: Path) -> None:
         """The I/O floor: read the inputs, write as many bytes as the recovered model; note each phase's speed."""
@@ -738,7 +793,7 @@ class Bench:
             tuned = ensure_finetune(root, self.widths, layers, dtype)
             model_bytes = sum(p.stat().st_size for p in tuned.glob("*.safetensors"))
             sizes = {"model": model_bytes}
-            recoveries = []
+            recoveries, floors = [], []
             for fmt in ("float32", "compact"):
                 diff = self.out / f"diff-{fmt}-{dtype}"
                 make = [*base, "make-diff", "--format", fmt, "--path_raw", str(raw), "--path_tuned", str(tuned)]
@@ -748,7 +803,7 @@ class Bench:
                     return
                 weights = [p for p in diff.iterdir() if p.suffix in (".safetensors", ".wdc")]
                 sizes[f"{fmt} diff"] = sum(p.stat().st_size for p in weights)
-                job_s = float(run.log_file.read_text().split(" s\n")[0].rsplit(" in ", 1)[1])
+                job_s = job_seconds(run.log_file)
                 self.codec_rates[f"make-diff {fmt}, {dtype} tune"] = (model_bytes / run.wall_s, model_bytes / job_s)
                 options = [[]] if fmt == "compact" or dtype == "float32" else [[], ["--dtype", dtype]]
                 for extra in options:
@@ -757,11 +812,25 @@ class Bench:
                     cmd += ["--path_tuned", str(out), "--quiet", *extra]
                     name = f"recover from {fmt}{' ' + ' '.join(extra) if extra else ''}, {dtype} tune"
                     recoveries.append((name, cmd, out, [raw, diff]))
-            runs = {run.name: run for run in self._timed_rounds(layers, recoveries)}
+                # The disk's speed for the recover below: its inputs read and its output written, all at once.
+                written = model_bytes if fmt == "compact" else sizes["float32 diff"]
+                out = self.out / f"disk-floor-{fmt}-{dtype}"
+                cmd = [sys.executable, __file__, "_disk_floor", str(raw), str(diff), "--out-file", str(out / "floor")]
+                cmd += ["--write-bytes", str(written)]
+                floors.append((f"disk floor of recover from {fmt}, {dtype} tune", cmd, out, [raw, diff]))
+            runs = {run.name: run for run in self._timed_rounds(layers, recoveries + floors)}
             plain, compact = runs[f"recover from float32, {dtype} tune"], runs[f"recover from compact, {dtype} tune"]
             if plain.ok and compact.ok:
                 self.codec_ratios[dtype] = [c / p for c, p in zip(compact.walls, plain.walls, strict=True)]
-            for _, _, out, _ in recoveries:
+            for fmt in ("float32", "compact"):
+                name = f"recover from {fmt}, {dtype} tune"
+                recovery, floor = runs[name], runs[f"disk floor of {name}"]
+                if recovery.ok and floor.ok:
+                    self.codec_floors[name] = [
+                        (job_seconds(self._log(recovery, n)), json.loads(self._log(floor, n).read_text())["seconds"])
+                        for n in range(1, self.args.repeat + 1)
+                    ]
+            for _, _, out, _ in recoveries + floors:
                 shutil.rmtree(out, ignore_errors=True)
             for fmt in ("float32", "compact"):
                 shutil.rmtree(self.out / f"diff-{fmt}-{dtype}", ignore_errors=True)
@@ -956,7 +1025,21 @@ def codec_table(bench: Bench) -> list[str]:
     for dtype, ratios in bench.codec_ratios.items():
         each = ", ".join(f"{r:.2f}x" for r in ratios)
         rows.append(f"- {dtype} tune: {each} (median {statistics.median(ratios):.2f}x)")
+    if bench.codec_floors:
+        rows += ["", "recover's job (imports excluded) / its disk floor (its inputs read and output written at once, "
+                 "O_DIRECT), each round:"]  # fmt: skip
+    for name, rounds in bench.codec_floors.items():
+        each = ", ".join(f"{job:.1f}/{floor:.1f} s = {job / floor:.2f}x" for job, floor in rounds)
+        rows.append(f"- {name}: {each} (median {statistics.median(j / f for j, f in rounds):.2f}x)")
     return rows
+
+
+def job_seconds(log_file: Path) -> float:
+    """The seconds our CLI reports for its job (``... in N s``), imports and start-up excluded."""
+    found = re.search(r" in ([0-9.]+) s$", log_file.read_text(), re.MULTILINE)
+    if found is None:
+        raise ValueError(f"{log_file}: no job time reported")
+    return float(found.group(1))
 
 
 def _moved(widths: Widths, layers: int) -> int:
@@ -1217,7 +1300,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def internal(argv: list[str]) -> None:
-    """The subprocess entry points: `_build`, `_build_meta`, `_floor` and `_compare`."""
+    """The subprocess entry points: `_build`, `_build_meta`, `_finetune`, `_floor`, `_disk_floor`, `_compare` and
+    `_download`."""
     # Python put scripts/ first on sys.path, where scripts/weight_diff.py would shadow the weight_diff package.
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
@@ -1231,6 +1315,10 @@ def internal(argv: list[str]) -> None:
     floor.add_argument("inputs", type=Path, nargs="+")
     floor.add_argument("--out-file", type=Path, required=True)
     floor.add_argument("--write-bytes", type=int, required=True)
+    disk_floor = sub.add_parser("_disk_floor")
+    disk_floor.add_argument("inputs", type=Path, nargs="+")
+    disk_floor.add_argument("--out-file", type=Path, required=True)
+    disk_floor.add_argument("--write-bytes", type=int, required=True)
     build_meta = sub.add_parser("_build_meta")
     build_meta.add_argument("root", type=Path)
     finetune = sub.add_parser("_finetune")
@@ -1258,6 +1346,8 @@ def internal(argv: list[str]) -> None:
         _build_finetune(WIDTHS[args.widths], args.layers, args.dtype, args.directory)
     elif args.what == "_floor":
         print(json.dumps(_floor(args.inputs, args.out_file, args.write_bytes)))
+    elif args.what == "_disk_floor":
+        print(json.dumps(_disk_floor(args.inputs, args.out_file, args.write_bytes)))
     else:
         print(json.dumps(_compare(args.ours, args.original, args.raw_vocab)))
 
