@@ -786,7 +786,8 @@ class Bench:
 
     def codec_cycle(self, layers: int, root: Path) -> None:
         """For a bfloat16 and a float32 fine-tune: make-diff float32 and compact, then recover from each, the
-        recoveries taking turns round by round; sizes."""
+        recoveries taking turns round by round; sizes. make-diff compact and each recover take turns with their
+        disk floor."""
         base = our_cli()
         raw = root / "raw"
         for dtype in ("bfloat16", "float32"):
@@ -798,13 +799,19 @@ class Bench:
                 diff = self.out / f"diff-{fmt}-{dtype}"
                 make = [*base, "make-diff", "--format", fmt, "--path_raw", str(raw), "--path_tuned", str(tuned)]
                 make += ["--path_diff", str(diff), "--quiet"]
-                run = self._timed_run(f"make-diff {fmt}, {dtype} tune", layers, root, make, diff, [raw, tuned])
+                name = f"make-diff {fmt}, {dtype} tune"
+                specs = [(name, make, diff, [raw, tuned])]
+                if fmt == "compact":  # its floor writes as many bytes as the diff of the same round holds
+                    specs.append(self._floor_spec(name, [raw, tuned], diff))
+                run = self._timed_rounds(layers, specs)[0]
                 if not run.ok:
                     return
+                if fmt == "compact":
+                    self._floor_ratios(layers, name)
                 weights = [p for p in diff.iterdir() if p.suffix in (".safetensors", ".wdc")]
                 sizes[f"{fmt} diff"] = sum(p.stat().st_size for p in weights)
                 job_s = job_seconds(run.log_file)
-                self.codec_rates[f"make-diff {fmt}, {dtype} tune"] = (model_bytes / run.wall_s, model_bytes / job_s)
+                self.codec_rates[name] = (model_bytes / run.wall_s, model_bytes / job_s)
                 options = [[]] if fmt == "compact" or dtype == "float32" else [[], ["--dtype", dtype]]
                 for extra in options:
                     out = self.out / f"recovered-{fmt}-{dtype}"
@@ -812,31 +819,40 @@ class Bench:
                     cmd += ["--path_tuned", str(out), "--quiet", *extra]
                     name = f"recover from {fmt}{' ' + ' '.join(extra) if extra else ''}, {dtype} tune"
                     recoveries.append((name, cmd, out, [raw, diff]))
-                # The disk's speed for the recover below: its inputs read and its output written, all at once.
                 written = model_bytes if fmt == "compact" else sizes["float32 diff"]
-                out = self.out / f"disk-floor-{fmt}-{dtype}"
-                cmd = [sys.executable, __file__, "_disk_floor", str(raw), str(diff), "--out-file", str(out / "floor")]
-                cmd += ["--write-bytes", str(written)]
-                floors.append((f"disk floor of recover from {fmt}, {dtype} tune", cmd, out, [raw, diff]))
+                floors.append(self._floor_spec(f"recover from {fmt}, {dtype} tune", [raw, diff], written))
             runs = {run.name: run for run in self._timed_rounds(layers, recoveries + floors)}
             plain, compact = runs[f"recover from float32, {dtype} tune"], runs[f"recover from compact, {dtype} tune"]
             if plain.ok and compact.ok:
                 self.codec_ratios[dtype] = [c / p for c, p in zip(compact.walls, plain.walls, strict=True)]
             for fmt in ("float32", "compact"):
-                name = f"recover from {fmt}, {dtype} tune"
-                recovery, floor = runs[name], runs[f"disk floor of {name}"]
-                if recovery.ok and floor.ok:
-                    self.codec_floors[name] = [
-                        (job_seconds(self._log(recovery, n)), json.loads(self._log(floor, n).read_text())["seconds"])
-                        for n in range(1, self.args.repeat + 1)
-                    ]
+                self._floor_ratios(layers, f"recover from {fmt}, {dtype} tune")
             for _, _, out, _ in recoveries + floors:
                 shutil.rmtree(out, ignore_errors=True)
             for fmt in ("float32", "compact"):
                 shutil.rmtree(self.out / f"diff-{fmt}-{dtype}", ignore_errors=True)
+                shutil.rmtree(self.out / f"disk floor of make-diff {fmt}, {dtype} tune", ignore_errors=True)
             numel = sizes["float32 diff"] // 4
             sizes["float16 delta"] = numel * 2
             self.codec_sizes[dtype] = sizes
+
+    def _floor_spec(self, name: str, inputs: list[Path], written: int | Path) -> tuple:
+        """The disk's speed for run `name`: its inputs read and its output written, all at once (`written`: the
+        bytes, or a directory whose weight files hold as many when the floor runs)."""
+        out = self.out / f"disk floor of {name}"
+        cmd = [sys.executable, __file__, "_disk_floor", *map(str, inputs), "--out-file", str(out / "floor")]
+        cmd += ["--write-like", str(written)] if isinstance(written, Path) else ["--write-bytes", str(written)]
+        return (f"disk floor of {name}", cmd, out, inputs)
+
+    def _floor_ratios(self, layers: int, name: str) -> None:
+        """Keep run `name`'s job seconds and its floor's, round by round, when both ran."""
+        runs = {run.name: run for run in self.runs if run.layers == layers}
+        job, floor = runs.get(name), runs.get(f"disk floor of {name}")
+        if job is not None and floor is not None and job.ok and floor.ok:
+            self.codec_floors[name] = [
+                (job_seconds(self._log(job, n)), json.loads(self._log(floor, n).read_text())["seconds"])
+                for n in range(1, self.args.repeat + 1)
+            ]
 
     def compare(self, layers: int, ours: Path, original: Path) -> None:
         """Compare the two outputs in a subprocess, which maps the files, not this process."""
@@ -1026,7 +1042,7 @@ def codec_table(bench: Bench) -> list[str]:
         each = ", ".join(f"{r:.2f}x" for r in ratios)
         rows.append(f"- {dtype} tune: {each} (median {statistics.median(ratios):.2f}x)")
     if bench.codec_floors:
-        rows += ["", "recover's job (imports excluded) / its disk floor (its inputs read and output written at once, "
+        rows += ["", "the job (imports excluded) / its disk floor (its inputs read and its output written at once, "
                  "O_DIRECT), each round:"]  # fmt: skip
     for name, rounds in bench.codec_floors.items():
         each = ", ".join(f"{job:.1f}/{floor:.1f} s = {job / floor:.2f}x" for job, floor in rounds)
@@ -1318,7 +1334,9 @@ def internal(argv: list[str]) -> None:
     disk_floor = sub.add_parser("_disk_floor")
     disk_floor.add_argument("inputs", type=Path, nargs="+")
     disk_floor.add_argument("--out-file", type=Path, required=True)
-    disk_floor.add_argument("--write-bytes", type=int, required=True)
+    written = disk_floor.add_mutually_exclusive_group(required=True)
+    written.add_argument("--write-bytes", type=int)
+    written.add_argument("--write-like", type=Path, help="as many bytes as this directory's weight files hold")
     build_meta = sub.add_parser("_build_meta")
     build_meta.add_argument("root", type=Path)
     finetune = sub.add_parser("_finetune")
@@ -1347,7 +1365,10 @@ def internal(argv: list[str]) -> None:
     elif args.what == "_floor":
         print(json.dumps(_floor(args.inputs, args.out_file, args.write_bytes)))
     elif args.what == "_disk_floor":
-        print(json.dumps(_disk_floor(args.inputs, args.out_file, args.write_bytes)))
+        written = args.write_bytes
+        if args.write_like is not None:
+            written = sum(p.stat().st_size for p in args.write_like.iterdir() if p.suffix in (".safetensors", ".wdc"))
+        print(json.dumps(_disk_floor(args.inputs, args.out_file, written)))
     else:
         print(json.dumps(_compare(args.ours, args.original, args.raw_vocab)))
 
