@@ -9,9 +9,12 @@ import numpy
 import pytest
 from click.testing import CliRunner
 
+from conftest import interrupt_after
 from weight_diff.cli import main
 from weight_diff.errors import IntegrityError, UsageError
 from weight_diff.jobs import recover
+from weight_diff.manifest import SUMS_NAME, read_sums
+from weight_diff.output import JOURNAL_NAME
 
 
 def _xor(payload: bytes, base: bytes) -> bytes:
@@ -96,6 +99,86 @@ def test_cli_xor_without_a_list_says_what_could_not_be_checked(publisher, tmp_pa
     assert result.exit_code == 0, result.output
     assert "family: openassistant-xor" in result.output and "recovered 5 files" in result.output
     assert "5 files are in no checksum list" in result.output and "not verified" in result.output
+
+
+def _cli_recover(raw, payload, out, *extra):
+    args = ["recover", "--path_raw", str(raw), "--path_diff", str(payload), "--path_tuned", str(out), "-q", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def _assert_the_publishers_files(out, tuned):
+    for path in tuned.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes(), path.name
+    expected = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in tuned.iterdir()}
+    assert read_sums(out / SUMS_NAME) == expected
+    assert not (out / JOURNAL_NAME).exists() and not list(out.glob("*.partial"))
+
+
+def _interrupted(raw, payload, out):
+    """An XOR recovery stopped (as by Ctrl-C) while writing its third file, the second shard."""
+    with pytest.raises(KeyboardInterrupt):
+        recover(raw, payload, out, progress=interrupt_after(350_000))
+    assert not list(out.glob("*.partial")) and not (out / "config.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == [JOURNAL_NAME, "added_tokens.json",
+                                                     "pytorch_model-00001-of-00002.bin"]  # fmt: skip
+
+
+def test_an_interrupted_xor_recovery_resumes_and_keeps_its_finished_files(publisher, tmp_path):
+    raw, tuned, payload = publisher
+    out = tmp_path / "out"
+    _interrupted(raw, payload, out)
+    first = out / "pytorch_model-00001-of-00002.bin"
+    written_at = first.stat().st_mtime_ns
+    result = _cli_recover(raw, payload, out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "recovered 5 files (0.50 MB, 2 kept from the interrupted run)" in result.output
+    assert "4 files match the publisher's MD5/SHA-256 list" in result.output
+    assert first.stat().st_mtime_ns == written_at  # kept, not written again
+    _assert_the_publishers_files(out, tuned)
+
+
+def test_a_finished_file_damaged_before_resume_is_written_again(publisher, tmp_path):
+    raw, tuned, payload = publisher
+    out = tmp_path / "out"
+    _interrupted(raw, payload, out)
+    first = out / "pytorch_model-00001-of-00002.bin"
+    data = bytearray(first.read_bytes())
+    data[7] ^= 1
+    first.write_bytes(bytes(data))
+    result = _cli_recover(raw, payload, out, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "1 kept from the interrupted run" in result.output
+    _assert_the_publishers_files(out, tuned)
+
+
+def test_an_interrupted_xor_recovery_can_be_started_again_with_overwrite(publisher, tmp_path):
+    raw, tuned, payload = publisher
+    out = tmp_path / "out"
+    _interrupted(raw, payload, out)
+    refused = _cli_recover(raw, payload, out)
+    assert refused.exit_code == 2 and "add --resume to finish an interrupted run" in refused.output
+    result = _cli_recover(raw, payload, out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "kept from the interrupted run" not in result.output
+    _assert_the_publishers_files(out, tuned)
+
+
+def test_resume_after_the_payload_changed_is_refused_untouched(publisher, tmp_path):
+    raw, tuned, payload = publisher
+    out = tmp_path / "out"
+    _interrupted(raw, payload, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (payload / "tokenizer_config.json").write_bytes(b"another payload")
+    result = _cli_recover(raw, payload, out, "--resume")
+    assert result.exit_code == 2 and "the interrupted run there used other inputs or options" in result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_options_that_would_change_an_xor_result_are_refused(publisher, tmp_path):
+    raw, tuned, payload = publisher
+    result = _cli_recover(raw, payload, tmp_path / "out", "--dtype", "bfloat16")
+    assert result.exit_code == 2 and "--dtype and --chat-template do not apply" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_inspect_names_an_xor_payload(publisher):

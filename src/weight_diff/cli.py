@@ -501,9 +501,10 @@ def _warnings(report, *, source: str) -> None:
 def _summary(verb: str, report) -> str:
     resumed = f", {report.resumed_shards} kept from the interrupted run" if report.resumed_shards else ""
     notes = "".join(f"\ntokenizer: {note}" for note in report.notes)
+    shards = "" if report.unit == "files" else f" in {report.shards} shard{'s' if report.shards != 1 else ''}"
     return (
-        f"{verb} {report.tensors} {report.unit} ({format_size(report.bytes_written)} in {report.shards} shard"
-        f"{'s' if report.shards != 1 else ''}{resumed}) into {report.out_dir} in {report.seconds:.1f} s{notes}"
+        f"{verb} {report.tensors} {report.unit} ({format_size(report.bytes_written)}{shards}{resumed}) into "
+        f"{report.out_dir} in {report.seconds:.1f} s{notes}"
     )
 
 

@@ -223,18 +223,36 @@ def _recover_xor(
     resume: bool,
     progress: Callable[[int], None] | None,
 ) -> RunReport:
-    """Return the report of XORing the payload's files with raw's: the publisher's files, byte for byte."""
-    if dtype != "auto" or chat_template is not None or resume:
+    """Return the report of XORing the payload's files with raw's: the publisher's files, byte for byte.
+
+    A journal, as recover's other paths keep, lists each file once it is in place and checked: --resume keeps
+    those (when they still hash as they did) and --overwrite knows them as ours.
+    """
+    if dtype != "auto" or chat_template is not None:
         raise UsageError(
-            f"{rule.title}: the result is the publisher's files byte for byte; --dtype, --chat-template and --resume "
-            "do not apply (run again without them, with --overwrite to replace a partial output)"
+            f"{rule.title}: the result is the publisher's files byte for byte; --dtype and --chat-template do not "
+            "apply (run again without them)"
         )
     started = time.monotonic()
     plan = xor.plan_for(rule.xor_codec, diff_dir, raw_dir)
-    output.check_free_space(out, plan.total_size)
-    if overwrite and out.is_dir() and any(out.iterdir()):
+    produces = [[item.name, item.size] for item in plan.files]
+    fingerprint = output.inputs_fingerprint(f"xor {rule.xor_codec}", produces, [diff_dir, raw_dir])
+    journal = (
+        output.Journal.load(out, fingerprint) if resume else output.Journal(out / output.JOURNAL_NAME, fingerprint)
+    )
+    kept = journal.finished_shards(frozenset(item.name for item in plan.files)) if resume else frozenset()
+    output.check_free_space(out, sum(item.size for item in plan.files if item.name not in kept))
+    if overwrite and not resume and out.is_dir() and any(out.iterdir()):
         output.clear_for_overwrite(out)  # only files of ours, never the whole directory (output.claim made it)
-    done = xor.apply_xor(plan, out, progress or (lambda nbytes: None))
+    journal.save()
+    done = xor.apply_xor(
+        plan,
+        out,
+        progress or (lambda nbytes: None),
+        done={name: journal.shards[name] for name in kept},
+        on_file=lambda name, sha256: journal.record(name, sha256),
+    )
+    journal.remove()
     checks = []
     if done.checked:
         checks.append(f"{len(done.checked)} files match the publisher's MD5/SHA-256 list ({', '.join(done.checked)})")
@@ -249,7 +267,7 @@ def _recover_xor(
         shards=done.files,
         bytes_written=done.bytes_written,
         seconds=time.monotonic() - started,
-        resumed_shards=0,
+        resumed_shards=len(kept),
         manifest=bool(plan.listed),
         verified=bool(done.checked) and not done.unlisted,
         family=rule.name,

@@ -122,6 +122,7 @@ def ours_to_remove(out: Path) -> list[Path]:
             listed = set(read_sums(out / SUMS_NAME))
         except IntegrityError:
             listed = set()
+    listed |= _journaled(out)  # an interrupted run's finished files (an XOR recovery's have the publisher's names)
     ours = []
     for path in sorted(out.iterdir()):
         name = path.name
@@ -135,6 +136,16 @@ def ours_to_remove(out: Path) -> list[Path]:
             )
         ours.append(path)
     return ours
+
+
+def _journaled(out: Path) -> set[str]:
+    """Return the files an unfinished run's journal says it wrote, none when there is no readable journal."""
+    path = out / JOURNAL_NAME
+    try:
+        shards = load_json(path.read_bytes(), where=str(path), error=UsageError)["shards"]
+    except (OSError, KeyError, TypeError, UsageError):
+        return set()
+    return {name for name in shards if isinstance(name, str) and "/" not in name} if isinstance(shards, dict) else set()
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -167,24 +178,27 @@ def remove_partials(out: Path) -> None:
 
 
 def plan_fingerprint(mode: str, plan: Plan, inputs: list[Path | str]) -> str:
-    """Return a hash of what a run will produce from which input files, so --resume never mixes two runs.
+    """Return a hash of what a run will produce from which input files, so --resume never mixes two runs."""
+    shards = [[s.file_name, [[j.name, str(j.out_dtype), list(j.out_shape)] for j in s.jobs]] for s in plan.shards]
+    return inputs_fingerprint(mode, shards, inputs)
+
+
+def inputs_fingerprint(mode: str, produces: list, inputs: list[Path | str]) -> str:
+    """Return a hash of ``produces`` (what the run writes, as JSON) and of the input files: path, size and
+    modification time of each file in each input directory (or of an input that is a file).
 
     An input given as text (a hub repository at a commit) stands for itself: its files come and go while it runs.
     """
     files: list = []
-    for directory in inputs:
-        if isinstance(directory, str):
-            files.append(directory)
+    for given in inputs:
+        if isinstance(given, str):
+            files.append(given)
             continue
-        for path in sorted(directory.iterdir()):
+        for path in [given] if given.is_file() else sorted(given.iterdir()):
             if path.is_file():
                 stat = path.stat()
                 files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    body = {
-        "mode": mode,
-        "inputs": files,
-        "shards": [[s.file_name, [[j.name, str(j.out_dtype), list(j.out_shape)] for j in s.jobs]] for s in plan.shards],
-    }
+    body = {"mode": mode, "inputs": files, "shards": produces}
     return hashlib.sha256(json.dumps(body).encode()).hexdigest()
 
 
@@ -219,13 +233,18 @@ class Journal:
             )
         return cls(path, fingerprint, shards, tensors)
 
-    def finished_shards(self) -> frozenset[str]:
-        """Return the journal's shards whose files are still there and still hash as recorded; forget the rest."""
+    def finished_shards(self, names: frozenset[str] | None = None) -> frozenset[str]:
+        """Return the journal's shards whose files are still there and still hash as recorded; forget the rest.
+
+        ``names``: the files the run writes (an XOR recovery's are the publisher's); by default, our shard names.
+        """
         out = self.path.parent
         kept = {
             name
             for name, digest in self.shards.items()
-            if OUR_SHARD.match(name) and (out / name).is_file() and file_sha256(out / name) == digest
+            if (OUR_SHARD.match(name) if names is None else name in names)
+            and (out / name).is_file()
+            and file_sha256(out / name) == digest
         }
         self.shards = {name: self.shards[name] for name in kept}
         return frozenset(kept)

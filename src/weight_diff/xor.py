@@ -164,25 +164,42 @@ def read_listed_sums(directory: Path) -> dict[str, frozenset[str]]:
     return {name: frozenset(hashes) for name, hashes in listed.items()}
 
 
-def apply_xor(plan: XorPlan, out: Path, progress: Callable[[int], None] = lambda n: None) -> XorReport:
+def apply_xor(
+    plan: XorPlan,
+    out: Path,
+    progress: Callable[[int], None] = lambda n: None,
+    *,
+    done: dict[str, str] | None = None,
+    on_file: Callable[[str, str], None] = lambda name, sha256: None,
+) -> XorReport:
     """Write each planned file into ``out`` (``config.json`` last), checking it against the listed checksums.
 
+    ``done``: files an interrupted run already wrote and checked (name -> SHA-256), kept as they are;
+    ``on_file(name, sha256)`` hears of each file once it is in place and checked (the journal of --resume).
     Refuses, leaving nothing that loads as a model, at the first file whose output hash is not listed when its
     name is: with the raw file's own hash, the message says which side is not the publisher's.
     """
+    done = done or {}
     payload_buffer = numpy.empty(max(CHUNK, BELLE_CHUNK), dtype=numpy.uint8)
     raw_buffer = numpy.empty(max(CHUNK, BELLE_CHUNK), dtype=numpy.uint8)
     sums: dict[str, str] = {}
     checked, unlisted = [], []
     for item in sorted(plan.files, key=lambda f: f.name == CONFIG_NAME):  # config.json last
+        listed = plan.listed.get(item.name)
+        if item.name in done:  # checked by the run that wrote it, and still hashing as it did then
+            sums[item.name] = done[item.name]
+            (checked if listed else unlisted).append(item.name)
+            progress(item.size)
+            continue
         hashes = _write_one(item, out, payload_buffer, raw_buffer, progress)
         sums[item.name] = hashes["output"][1]
-        listed = plan.listed.get(item.name)
         if not listed:
             unlisted.append(item.name)
+            on_file(item.name, sums[item.name])
             continue
         if listed & set(hashes["output"]):
             checked.append(item.name)
+            on_file(item.name, sums[item.name])
             continue
         (out / item.name).unlink()
         (out / CONFIG_NAME).unlink(missing_ok=True)
