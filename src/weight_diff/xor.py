@@ -87,19 +87,23 @@ def looks_xor(directory: Path) -> str | None:
     return f"{CONFIG_NAME} is not JSON: every file is XOR-encoded against the raw model's file of the same name"
 
 
-def looks_belle(directory: Path) -> str | None:
-    """Return why ``directory`` looks like a BELLE payload (``NAME.<sha256>.enc`` files), None otherwise."""
-    found = sorted(p.name for p in directory.iterdir() if _BELLE_NAME.fullmatch(p.name))
+def looks_belle(directory: Path, names: frozenset[str] | None = None) -> str | None:
+    """Return why ``directory`` looks like a BELLE payload (``NAME.<sha256>.enc`` files), None otherwise.
+
+    ``names``: the payload's file names when not all of its files are here yet (a hub repository's listing)."""
+    names = names if names is not None else frozenset(p.name for p in directory.iterdir())
+    found = sorted(name for name in names if _BELLE_NAME.fullmatch(name))
     return f"holds {len(found)} NAME.<sha256>.enc file(s) (first: {found[0]})" if found else None
 
 
-def detect_files(directory: Path) -> tuple[str, str] | None:
-    """Return (codec, why) when ``directory`` is an XOR payload, None when its files may be read as weights."""
-    for codec, looks in (("belle", looks_belle), ("same-name", looks_xor)):
-        reason = looks(directory)
-        if reason:
-            return codec, reason
-    return None
+def detect_files(directory: Path, names: frozenset[str] | None = None) -> tuple[str, str] | None:
+    """Return (codec, why) when ``directory`` is an XOR payload, None when its files may be read as weights;
+    ``names`` as for :func:`looks_belle` (an OpenAssistant payload is told by its config.json, a small file)."""
+    reason = looks_belle(directory, names)
+    if reason:
+        return "belle", reason
+    reason = looks_xor(directory)
+    return ("same-name", reason) if reason else None
 
 
 def plan_for(codec: str, payload: Path, raw: Path) -> XorPlan:

@@ -580,6 +580,13 @@ def fetch_small_files(snapshot: Snapshot, transfer: Transfer | None) -> None:
             fetch(snapshot, file, transfer)
 
 
+def top_level_names(path: str | os.PathLike) -> frozenset[str] | None:
+    """Return the top-level file names of the hub repository an input argument names, as its listing gives them
+    (a payload's large files are known by name before they are downloaded); None for a local path."""
+    spec = hub_spec_for(path)
+    return None if spec is None else frozenset(name for name in resolve(spec).files if "/" not in name)
+
+
 def snapshot_dir(path: str | os.PathLike) -> Path:
     """Return where an input argument's files are or will be (for refusing an output inside an input), without
     downloading anything."""
