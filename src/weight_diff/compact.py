@@ -5,8 +5,8 @@
 in its own dtype. Rows with no raw counterpart (added vocabulary rows, tensors the raw model lacks) are stored as
 they are. Blocks are encoded on a pool of threads (zstd and torch release the GIL) and consumed in order on the
 calling thread; recover decompresses and casts on the read lanes and joins on one codec thread. Each tensor is
-hashed on a lane of its own, and files are hashed and written on lanes of their own.
-A ring of reused buffers keeps memory flat.
+hashed on a lane of its own, and files are hashed and written on lanes of their own. A ring of reused buffers
+keeps memory flat.
 
 >>> plan = plan_make(raw.tensors, tuned.tensors, max_shard_size="5GB")
 >>> CompactStream(plan, raw, out_dir, progress=bar.update).encode(tuned, skip=frozenset(), on_tensor=..., on_shard=...)
