@@ -322,20 +322,10 @@ def test_one_progress_bar_counts_download_and_write_with_both_rates(hub, tmp_pat
 def test_a_belle_payload_on_the_hub_is_told_by_its_listing_before_its_files_are_fetched(tmp_path, monkeypatch):
     """BELLE's .enc files are large non-weight files, fetched only when needed: the family is told from the
     repository's listing, without --family belle."""
-    import hashlib
+    from test_xor import belle_publisher
 
-    from test_xor import _belle_encrypt
-    from weight_diff import xor
-
-    monkeypatch.setattr(xor, "BELLE_CHUNK", 1000)
+    meta, payload, plain = belle_publisher(tmp_path, monkeypatch)
     monkeypatch.setattr(hub_source, "SMALL_FILE", 50)  # every .enc file counts as large, as real shards do
-    meta, payload = tmp_path / "7B", tmp_path / "belle-enc"
-    meta.mkdir(), payload.mkdir()
-    key = os.urandom(1300)
-    (meta / "consolidated.00.pth").write_bytes(key)
-    plain = {"pytorch_model-00001-of-00001.bin": os.urandom(2500), "config.json": b'{"vocab_size": 32000}'}
-    for name, data in plain.items():
-        (payload / f"{name}.{hashlib.sha256(data).hexdigest()}.enc").write_bytes(_belle_encrypt(data, key, 1000))
     server = HubServer(lifetime=60)
     server.publish("belle/payload", payload)
     for name, value in server.env(tmp_path / "hf").items():

@@ -202,10 +202,12 @@ def _belle_encrypt(plain: bytes, key: bytes, chunk: int) -> bytes:
     return b"".join(out)
 
 
-def test_belle_decodes_with_metas_consolidated_and_checks_the_sha256_header(tmp_path, monkeypatch):
+def belle_publisher(tmp_path, monkeypatch):
+    """Meta's folder (its consolidated.00.pth the key), a BELLE payload made from it, and the plain files; the rule
+    at small scale: 1000-byte chunks, so 3 data chunks and a key of 1.3 chunks."""
     from weight_diff import xor
 
-    monkeypatch.setattr(xor, "BELLE_CHUNK", 1000)  # the rule at small scale: 3 data chunks, a key of 1.3 chunks
+    monkeypatch.setattr(xor, "BELLE_CHUNK", 1000)
     rng = numpy.random.default_rng(2)
     meta, payload = tmp_path / "7B", tmp_path / "belle-enc"
     meta.mkdir(), payload.mkdir()
@@ -215,6 +217,12 @@ def test_belle_decodes_with_metas_consolidated_and_checks_the_sha256_header(tmp_
     for name, data in plain.items():
         sha = hashlib.sha256(data).hexdigest()
         (payload / f"{name}.{sha}.enc").write_bytes(_belle_encrypt(data, key, 1000))
+    return meta, payload, plain
+
+
+def test_belle_decodes_with_metas_consolidated_and_checks_the_sha256_header(tmp_path, monkeypatch):
+    meta, payload, plain = belle_publisher(tmp_path, monkeypatch)
+    key = (meta / "consolidated.00.pth").read_bytes()
     report = recover(meta, payload, tmp_path / "out")
     assert report.family == "belle" and ".enc" in report.family_reason
     for name, data in plain.items():
