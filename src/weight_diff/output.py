@@ -122,7 +122,8 @@ def ours_to_remove(out: Path) -> list[Path]:
             listed = set(read_sums(out / SUMS_NAME))
         except IntegrityError:
             listed = set()
-    listed |= _journaled(out)  # an interrupted run's finished files (an XOR recovery's have the publisher's names)
+    with contextlib.suppress(UsageError):  # an interrupted run's finished files (an XOR recovery's: any names)
+        listed |= {name for name in Journal.read(out).shards if "/" not in name}
     ours = []
     for path in sorted(out.iterdir()):
         name = path.name
@@ -136,16 +137,6 @@ def ours_to_remove(out: Path) -> list[Path]:
             )
         ours.append(path)
     return ours
-
-
-def _journaled(out: Path) -> set[str]:
-    """Return the files an unfinished run's journal says it wrote, none when there is no readable journal."""
-    path = out / JOURNAL_NAME
-    try:
-        shards = load_json(path.read_bytes(), where=str(path), error=UsageError)["shards"]
-    except (OSError, KeyError, TypeError, UsageError):
-        return set()
-    return {name for name in shards if isinstance(name, str) and "/" not in name} if isinstance(shards, dict) else set()
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -215,6 +206,17 @@ class Journal:
     @classmethod
     def load(cls, out: Path, fingerprint: str) -> Journal:
         """Return the interrupted run's journal, refusing one made from other inputs or options."""
+        journal = cls.read(out)
+        if journal.fingerprint != fingerprint:
+            raise UsageError(
+                f"{out}: the interrupted run there used other inputs or options; repeat its exact command "
+                "with --resume, or use --overwrite to start again"
+            )
+        return journal
+
+    @classmethod
+    def read(cls, out: Path) -> Journal:
+        """Return the journal in ``out`` as it is, whatever run made it; UsageError when it is missing or unreadable."""
         path = out / JOURNAL_NAME
         unreadable = f"{path}: unreadable; start again with --overwrite instead of --resume"
         try:
@@ -226,12 +228,7 @@ class Journal:
             isinstance(v, dict) for v in tensors.values()
         ):
             raise UsageError(unreadable)
-        if previous != fingerprint:
-            raise UsageError(
-                f"{out}: the interrupted run there used other inputs or options; repeat its exact command "
-                "with --resume, or use --overwrite to start again"
-            )
-        return cls(path, fingerprint, shards, tensors)
+        return cls(path, previous, shards, tensors)
 
     def finished_shards(self, names: frozenset[str] | None = None) -> frozenset[str]:
         """Return the journal's shards whose files are still there and still hash as recorded; forget the rest.
