@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from conftest import interrupt_after
 from weight_diff.cli import main
 from weight_diff.errors import IntegrityError, UsageError
+from weight_diff.inspect_dir import _describe_recovery
 from weight_diff.jobs import recover
-from weight_diff.manifest import SUMS_NAME, read_sums
+from weight_diff.manifest import RECOVERY_NAME, SUMS_NAME, read_sums
 from weight_diff.output import JOURNAL_NAME
 
 
@@ -109,9 +110,10 @@ def _cli_recover(raw, payload, out, *extra):
 def _assert_the_publishers_files(out, tuned):
     for path in tuned.iterdir():
         assert (out / path.name).read_bytes() == path.read_bytes(), path.name
-    expected = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in tuned.iterdir()}
+    record = out / RECOVERY_NAME
+    expected = {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in [*tuned.iterdir(), record]}
     assert read_sums(out / SUMS_NAME) == expected
-    assert not (out / JOURNAL_NAME).exists() and not list(out.glob("*.partial"))
+    assert {p.name for p in out.iterdir()} == {*expected, SUMS_NAME}  # no journal, no partial file left
 
 
 def _interrupted(raw, payload, out):
@@ -148,6 +150,20 @@ def test_a_finished_file_damaged_before_resume_is_written_again(publisher, tmp_p
     result = _cli_recover(raw, payload, out, "--resume")
     assert result.exit_code == 0, result.output
     assert "1 kept from the interrupted run" in result.output
+    _assert_the_publishers_files(out, tuned)
+
+
+def test_a_finished_xor_recovery_is_ours_to_overwrite_and_says_how_it_was_made(publisher, tmp_path):
+    raw, tuned, payload = publisher
+    out = tmp_path / "out"
+    assert _cli_recover(raw, payload, out).exit_code == 0
+    record = json.loads((out / RECOVERY_NAME).read_text())
+    assert record["family"] == "openassistant-xor" and record["files"] == 5 and len(record["files_checked"]) == 4
+    assert not record["verified"]  # added_tokens.json is in no list
+    # What inspect says of it (this payload's .bin files are random bytes, so inspect itself cannot read them).
+    assert "4 of 5 files match the publisher's checksum list" in _describe_recovery(record)
+    result = _cli_recover(raw, payload, out, "--overwrite")
+    assert result.exit_code == 0, result.output
     _assert_the_publishers_files(out, tuned)
 
 

@@ -206,7 +206,11 @@ def _family(checkpoint: Checkpoint) -> str:
 
 def _describe_recovery(record: dict) -> str:
     tool = record.get("tool", {}).get("weight_diff", "?")
-    if record.get("verified"):
+    if record.get("files") is not None:  # an XOR recovery: the publisher's files, checked against its list
+        checked = record.get("files_checked")
+        count = len(checked) if isinstance(checked, list) else "?"
+        verdict = f"{count} of {record['files']} files match the publisher's checksum list"
+    elif record.get("verified"):
         verdict = f"verified against the publisher's manifest ({record.get('tensors')} tensors)"
     else:
         verdict = "not verified (the diff had no manifest)"

@@ -253,6 +253,12 @@ def _recover_xor(
         done={name: journal.shards[name] for name in kept},
         on_file=lambda name, sha256: journal.record(name, sha256),
     )
+    # A record of the run, as recover's other paths leave: inspect says how the model was made, and --overwrite
+    # knows the directory as ours.
+    record = _xor_record(diff_dir, rule, done)
+    files.write_atomic(out / RECOVERY_NAME, record)
+    sums = {**done.sums, RECOVERY_NAME: _sha256(record)}
+    files.write_atomic(out / SUMS_NAME, format_sums(dict(sorted(sums.items()))).encode())
     journal.remove()
     checks = []
     if done.checked:
@@ -708,6 +714,21 @@ def _recovery_record(
         "family_checks": checks,
         "tensors": len(plan.jobs),
         "dtype": dtype_name(plan.dtype),
+        "tool": _tool_versions(),
+    }
+    return files.json_bytes(body)
+
+
+def _xor_record(diff_dir: Path, family: families.Family, done: xor.XorReport) -> bytes:
+    """Return ``weight-diff-recovery.json`` for an XOR recovery: the publisher's files, and how many were checked."""
+    body = {
+        "format": "weight-diff-recovery",
+        "version": 1,
+        "diff": str(diff_dir.resolve()),
+        "verified": bool(done.checked) and not done.unlisted,
+        "family": family.name,
+        "files": done.files,
+        "files_checked": list(done.checked),
         "tool": _tool_versions(),
     }
     return files.json_bytes(body)

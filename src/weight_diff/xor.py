@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy
 
 from .errors import IntegrityError, UsageError
-from .files import CONFIG_NAME, write_atomic
-from .manifest import SUMS_NAME, format_sums
+from .files import CONFIG_NAME
 from .writer import FILE_MODE, PARTIAL_SUFFIX, fsync_directory
 
 CHUNK = 16 * 2**20
@@ -73,6 +72,7 @@ class XorReport:
     bytes_written: int
     checked: tuple[str, ...]  # files whose output hash is in the payload's list
     unlisted: tuple[str, ...]  # files the list does not name (or no list at all)
+    sums: dict[str, str]  # each written file's SHA-256, for SHA256SUMS
 
 
 def looks_xor(directory: Path) -> str | None:
@@ -176,7 +176,8 @@ def apply_xor(
     done: dict[str, str] | None = None,
     on_file: Callable[[str, str], None] = lambda name, sha256: None,
 ) -> XorReport:
-    """Write each planned file into ``out`` (``config.json`` last), checking it against the listed checksums.
+    """Write each planned file into ``out`` (``config.json`` last), checking it against the listed checksums; the
+    caller writes ``SHA256SUMS`` from the report.
 
     ``done``: files an interrupted run already wrote and checked (name -> SHA-256), kept as they are;
     ``on_file(name, sha256)`` hears of each file once it is in place and checked (the journal of --resume).
@@ -223,8 +224,7 @@ def apply_xor(
             f"carries); the raw file {item.raw} is not byte-identical to the one the publisher converted (or the "
             "payload is damaged). Nothing that loads as a model was written"
         )
-    write_atomic(out / SUMS_NAME, format_sums(dict(sorted(sums.items()))).encode())
-    return XorReport(len(plan.files), plan.total_size, tuple(checked), tuple(unlisted))
+    return XorReport(len(plan.files), plan.total_size, tuple(checked), tuple(unlisted), sums)
 
 
 def _write_one(
