@@ -332,7 +332,12 @@ def test_a_belle_payload_on_the_hub_is_told_by_its_listing_before_its_files_are_
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with server:
+        shown = run("inspect", "belle/payload", "--json")
         result = run("recover", "--path_raw", meta, "--path_diff", "belle/payload", "--path_tuned", tmp_path / "o")
+    assert shown.exit_code == 0, shown.output
+    found = json.loads(shown.output)
+    assert found["family"].startswith("belle") and found["shards"] == 2
+    assert found["total_bytes"] == sum(p.stat().st_size for p in payload.iterdir())
     assert result.exit_code == 0, result.output
     assert "family: belle" in result.output and "2 files match" in result.output
     for name, data in plain.items():

@@ -564,8 +564,14 @@ def inspect(path, as_json, no_hash):
     import json
 
     from .inspect_dir import inspect_path
+    from .sources.hub import top_level_files
+    from .xor import detect_files
 
-    found = inspect_path(_input_dir(path, quiet=as_json), check_sums=not no_hash)
+    directory = _input_dir(path, quiet=as_json, weights=False)  # a hub repository: its small files first
+    listed = top_level_files(path)
+    if listed is not None and detect_files(directory, frozenset(listed)) is None:
+        directory = _input_dir(path, quiet=as_json)  # then its weights, unless it is an XOR payload
+    found = inspect_path(directory, check_sums=not no_hash, listed=listed)
     if as_json:
         click.echo(json.dumps(found.to_dict(), indent=2))
     else:

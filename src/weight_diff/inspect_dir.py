@@ -113,13 +113,16 @@ class Inspection:
         return asdict(self)
 
 
-def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspection:
+def inspect_path(
+    path: str | os.PathLike, *, check_sums: bool = True, listed: dict[str, int] | None = None
+) -> Inspection:
     """Return what the directory holds; ``check_sums=False`` skips hashing the files against ``SHA256SUMS`` (or
-    Meta's ``checklist.chk``)."""
+    Meta's ``checklist.chk``). ``listed``: every file (name -> size) of a hub repository, of which only some
+    were downloaded (an XOR payload's files are not)."""
     directory = given_path(path, "inspect")
-    found = detect_files(directory) if directory.is_dir() else None
+    found = detect_files(directory, listed and frozenset(listed)) if directory.is_dir() else None
     if found:
-        return _xor_payload(directory, *found)
+        return _xor_payload(directory, *found, listed)
     manifest = Manifest.load(directory)
     if compact_files(directory):
         config = _read_json(directory / CONFIG_NAME)
@@ -169,9 +172,9 @@ def inspect_path(path: str | os.PathLike, *, check_sums: bool = True) -> Inspect
     )
 
 
-def _xor_payload(directory: Path, codec: str, reason: str) -> Inspection:
+def _xor_payload(directory: Path, codec: str, reason: str, listed: dict[str, int] | None) -> Inspection:
     """Return what can be said of an XOR payload, whose files cannot be read before they are decoded."""
-    files = [p for p in directory.iterdir() if p.is_file()]
+    sizes = listed if listed is not None else {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
     return Inspection(
         path=str(directory),
         kind="diff",
@@ -185,8 +188,8 @@ def _xor_payload(directory: Path, codec: str, reason: str) -> Inspection:
         dtypes={},
         vocab_size=None,
         layout="xor-files",
-        shards=len(files),
-        total_bytes=sum(p.stat().st_size for p in files),
+        shards=len(sizes),
+        total_bytes=sum(sizes.values()),
         chat_template=False,
         base="raw files byte-identical to the publisher's (BELLE: Meta's consolidated.00.pth)",
         made_by=None,

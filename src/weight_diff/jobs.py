@@ -111,8 +111,8 @@ def recover(
         from_hub = hub.hub_spec_for(path_raw) is not None or hub.hub_spec_for(path_diff) is not None
         rule = families.family_named(family) if family is not None else None
         diff_dir = hub.input_dir(path_diff, transfer, weights=False)  # a hub diff: its small files, to tell its kind
-        names = hub.top_level_names(path_diff)  # a hub payload's .enc files are listed before they are fetched
-        found = xor.detect_files(diff_dir, names) if diff_dir.is_dir() and rule is None else None
+        listed = hub.top_level_files(path_diff)  # a hub payload's .enc files are listed before they are fetched
+        found = xor.detect_files(diff_dir, listed and frozenset(listed)) if diff_dir.is_dir() and rule is None else None
         if found or (rule is not None and rule.xor_codec):
             chosen = rule or next(f for f in families.FAMILIES if f.xor_codec == found[0])
             reason = found[1] if found else "chosen with --family"

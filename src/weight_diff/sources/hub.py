@@ -580,11 +580,11 @@ def fetch_small_files(snapshot: Snapshot, transfer: Transfer | None) -> None:
             fetch(snapshot, file, transfer)
 
 
-def top_level_names(path: str | os.PathLike) -> frozenset[str] | None:
-    """Return the top-level file names of the hub repository an input argument names, as its listing gives them
-    (a payload's large files are known by name before they are downloaded); None for a local path."""
+def top_level_files(path: str | os.PathLike) -> dict[str, int] | None:
+    """Return the top-level files (name -> size) of the hub repository an input argument names, as its listing
+    gives them (a payload's large files are known before they are downloaded); None for a local path."""
     spec = hub_spec_for(path)
-    return None if spec is None else frozenset(name for name in resolve(spec).files if "/" not in name)
+    return None if spec is None else {name: f.size for name, f in resolve(spec).files.items() if "/" not in name}
 
 
 def snapshot_dir(path: str | os.PathLike) -> Path:
