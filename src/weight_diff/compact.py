@@ -333,8 +333,8 @@ class CompactStream:
                             buffers.pending.append(lanes.write.submit(
                                 writer.begin_tensor, job.name, job.out_dtype, job.out_shape,
                                 job.raw and job.raw.dtype, job.raw_rows))  # fmt: skip
-                        buffers.pending.append(tensors.add(block, tensor_bytes(values), odd))
                         buffers.pending += [
+                            tensors.add(block, tensor_bytes(values), odd),
                             lanes.write.submit(writer.add_block, block.start, block.stop, payload),
                             lanes.hash.submit(writer.hash_block, payload),
                         ]
