@@ -5,6 +5,7 @@ offline from the cache."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,7 +67,11 @@ def local_result(pair, legacy_diff, tmp_path):
 
 def blobs(tmp_path: Path, repo_id: str) -> dict[str, int]:
     folder = tmp_path / "hf" / "hub" / ("models--" + repo_id.replace("/", "--")) / "blobs"
-    return {p.name: p.stat().st_size for p in folder.iterdir()} if folder.is_dir() else {}
+    sizes = {}
+    for path in folder.iterdir() if folder.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):  # a running download renames its partial file meanwhile
+            sizes[path.name] = path.stat().st_size
+    return sizes
 
 
 def assert_same(a: dict, b: dict) -> None:
