@@ -569,7 +569,7 @@ def inspect(path, as_json, no_hash):
 
     directory = _input_dir(path, quiet=as_json, weights=False)  # a hub repository: its small files first
     listed = top_level_files(path)
-    if listed is not None and detect_files(directory, frozenset(listed)) is None:
+    if listed is not None and detect_files(directory, listed) is None:
         directory = _input_dir(path, quiet=as_json)  # then its weights, unless it is an XOR payload
     found = inspect_path(directory, check_sums=not no_hash, listed=listed)
     if as_json:

@@ -120,7 +120,7 @@ def inspect_path(
     Meta's ``checklist.chk``). ``listed``: every file (name -> size) of a hub repository, of which only some
     were downloaded (an XOR payload's files are not)."""
     directory = given_path(path, "inspect")
-    found = detect_files(directory, listed and frozenset(listed)) if directory.is_dir() else None
+    found = detect_files(directory, listed) if directory.is_dir() else None
     if found:
         return _xor_payload(directory, *found, listed)
     manifest = Manifest.load(directory)

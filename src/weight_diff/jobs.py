@@ -112,7 +112,7 @@ def recover(
         rule = families.family_named(family) if family is not None else None
         diff_dir = hub.input_dir(path_diff, transfer, weights=False)  # a hub diff: its small files, to tell its kind
         listed = hub.top_level_files(path_diff)  # a hub payload's .enc files are listed before they are fetched
-        found = xor.detect_files(diff_dir, listed and frozenset(listed)) if diff_dir.is_dir() and rule is None else None
+        found = xor.detect_files(diff_dir, listed) if diff_dir.is_dir() and rule is None else None
         if found or (rule is not None and rule.xor_codec):
             chosen = rule or next(f for f in families.FAMILIES if f.xor_codec == found[0])
             reason = found[1] if found else "chosen with --family"
@@ -251,7 +251,7 @@ def _recover_xor(
         out,
         progress or (lambda nbytes: None),
         done={name: journal.shards[name] for name in kept},
-        on_file=lambda name, sha256: journal.record(name, sha256),
+        on_file=journal.record,
     )
     # A record of the run, as recover's other paths leave: inspect says how the model was made, and --overwrite
     # knows the directory as ours.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +87,7 @@ def looks_xor(directory: Path) -> str | None:
     return f"{CONFIG_NAME} is not JSON: every file is XOR-encoded against the raw model's file of the same name"
 
 
-def looks_belle(directory: Path, names: frozenset[str] | None = None) -> str | None:
+def looks_belle(directory: Path, names: Iterable[str] | None = None) -> str | None:
     """Return why ``directory`` looks like a BELLE payload (``NAME.<sha256>.enc`` files), None otherwise.
 
     ``names``: the payload's file names when not all of its files are here yet (a hub repository's listing)."""
@@ -96,7 +96,7 @@ def looks_belle(directory: Path, names: frozenset[str] | None = None) -> str | N
     return f"holds {len(found)} NAME.<sha256>.enc file(s) (first: {found[0]})" if found else None
 
 
-def detect_files(directory: Path, names: frozenset[str] | None = None) -> tuple[str, str] | None:
+def detect_files(directory: Path, names: Iterable[str] | None = None) -> tuple[str, str] | None:
     """Return (codec, why) when ``directory`` is an XOR payload, None when its files may be read as weights;
     ``names`` as for :func:`looks_belle` (an OpenAssistant payload is told by its config.json, a small file)."""
     reason = looks_belle(directory, names)
