@@ -560,6 +560,7 @@ class Run:
     written_bytes: int = 0
     log_file: Path | None = None  # of the fastest repetition
     walls: list[float] = dataclasses.field(default_factory=list)  # every repetition's, in order
+    cpus: list[float] = dataclasses.field(default_factory=list)  # every repetition's CPU seconds (user + system)
 
     @property
     def ok(self) -> bool:
@@ -590,10 +591,19 @@ def drop_page_cache(files: list[Path]) -> str:
         return "posix_fadvise(POSIX_FADV_DONTNEED) on every input file"
 
 
-def timed(
-    cmd: list[str], log_file: Path, timeout: float | None, env: dict[str, str] | None = None
-) -> tuple[int, float, int, float]:
-    """Run `cmd`; give its exit status, wall seconds, peak RSS in bytes (from wait4) and the `sync` after it.
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """What `timed` measured of one subprocess."""
+
+    rc: int
+    wall: float
+    peak_rss: int  # bytes
+    sync: float  # the `sync` after it exited
+    cpu: float  # user + system seconds of the process and the children it waited for
+
+
+def timed(cmd: list[str], log_file: Path, timeout: float | None, env: dict[str, str] | None = None) -> Timing:
+    """Run `cmd`; give its exit status, wall seconds, peak RSS (from wait4), the `sync` after it, and its CPU time.
 
     wait4's ru_maxrss is this child's alone (with the children it waited for), unlike RUSAGE_CHILDREN which
     is the maximum over every child so far. The `sync` after exit times the writes a run left to the kernel,
@@ -617,7 +627,8 @@ def timed(
         proc.returncode = os.waitstatus_to_exitcode(status)
     start = time.perf_counter()
     os.sync()
-    return proc.returncode, wall, usage.ru_maxrss * 1024, time.perf_counter() - start
+    sync = time.perf_counter() - start
+    return Timing(proc.returncode, wall, usage.ru_maxrss * 1024, sync, usage.ru_utime + usage.ru_stime)
 
 
 def _child_env() -> dict[str, str]:
@@ -721,13 +732,15 @@ class Bench:
         self.drop_method = drop_page_cache([p for d in inputs for p in sorted(d.iterdir()) if p.is_file()])
         log(f"running {run.name} at {run.layers} layers ({repetition}/{self.args.repeat}) ...")
         log_file = self._log(run, repetition)
-        rc, wall, peak, sync = timed(cmd, log_file, self.args.timeout)
+        timing = timed(cmd, log_file, self.args.timeout)
+        rc, wall, peak, sync = timing.rc, timing.wall, timing.peak_rss, timing.sync
         if rc != 0:
             timed_out = self.args.timeout is not None and wall >= self.args.timeout
             run.status = _status_text(rc, log_file, timed_out)
             log(f"{run.name} failed ({run.status}); log: {log_file}")
             return
         run.walls.append(wall)
+        run.cpus.append(timing.cpu)
         run.peak_rss = max(run.peak_rss or 0, peak)
         if run.wall_s is None or wall < run.wall_s:
             run.wall_s, run.sync_s, run.log_file = wall, sync, log_file
@@ -1047,6 +1060,15 @@ def codec_table(bench: Bench) -> list[str]:
     for name, rounds in bench.codec_floors.items():
         each = ", ".join(f"{job:.1f}/{floor:.1f} s = {job / floor:.2f}x" for job, floor in rounds)
         rows.append(f"- {name}: {each} (median {statistics.median(j / f for j, f in rounds):.2f}x)")
+    busy = [run for run in bench.runs if run.name in bench.codec_floors and run.cpus]
+    if busy:
+        rows += ["", "CPU seconds (user + system) / wall seconds of the whole process, each round; 2.0 would be both "
+                 "cores busy throughout (its imports and start-up run on one):"]  # fmt: skip
+    for run in busy:
+        each = ", ".join(
+            f"{cpu:.1f}/{wall:.1f} s = {cpu / wall:.2f}" for cpu, wall in zip(run.cpus, run.walls, strict=True)
+        )
+        rows.append(f"- {run.name}: {each}")
     return rows
 
 
@@ -1209,7 +1231,8 @@ def hub_bench(args: argparse.Namespace) -> str:
         drop_page_cache(input_files(root))
         log(f"running {name} ...")
         with DiskPeak(measured) as disk:
-            rc, wall, rss, sync = timed(cmd, work / f"{name.split()[0]}.log", args.timeout, env=server.env(hf_home))
+            timing = timed(cmd, work / f"{name.split()[0]}.log", args.timeout, env=server.env(hf_home))
+        rc, wall, rss, sync = timing.rc, timing.wall, timing.peak_rss, timing.sync
         log(f"{name}: {wall:.1f} s, then sync {sync:.1f} s (load {os.getloadavg()[0]:.1f})")
         status = "ok" if rc == 0 else _status_text(rc, work / f"{name.split()[0]}.log", False)
         rows.append((name, wall + sync, disk.peak, rss, status))
