@@ -11,6 +11,7 @@ from weight_diff.checkpoint import Checkpoint
 from weight_diff.cli import main
 from weight_diff.errors import IntegrityError
 from weight_diff.jobs import recover
+from weight_diff.manifest import HASH_PIECE, hash_together
 
 
 def flip_byte_inside(directory, tensor):
@@ -106,6 +107,24 @@ def test_a_legacy_diff_without_manifest_recovers_with_correct_sha256sums_and_no_
         assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_sha256sums_of_a_manifest_checked_recovery_hash_every_shard_as_written(pair, made_diff, tmp_path, dtype):
+    """Float32 results are hashed for the manifest and for SHA256SUMS together; --dtype writes other bytes than it
+    hashes for the manifest. Either way each listed digest is the file's, computed here by hashlib."""
+    import hashlib
+
+    raw, _ = pair
+    out = tmp_path / "out"
+    report = recover(raw, made_diff, out, dtype=dtype, max_shard_size="100KB")
+    assert report.verified and report.shards > 2
+    listed = dict(line.split("  ")[::-1] for line in (out / "SHA256SUMS").read_text().splitlines())
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) == report.shards
+    for path in out.iterdir():
+        if path.name != "SHA256SUMS":
+            assert listed[path.name] == hashlib.sha256(path.read_bytes()).hexdigest(), path.name
+
+
 def test_a_diff_whose_tensors_differ_from_its_manifest_is_refused(pair, made_diff, copy_dir, tmp_path):
     import json
 
@@ -132,3 +151,18 @@ def test_the_recovery_record_says_whether_the_model_was_verified(pair, made_diff
     assert "weight-diff-recovery.json" in (tmp_path / "checked" / "SHA256SUMS").read_text()
     unchecked_text = run("inspect", tmp_path / "unchecked").output
     assert "not verified (the diff had no manifest)" in unchecked_text
+
+
+@pytest.mark.parametrize("size", [0, 1, HASH_PIECE, 3 * HASH_PIECE + 123])
+def test_hashing_together_gives_each_hash_the_digest_of_the_whole_data(size):
+    import hashlib
+    import os
+
+    data = os.urandom(size)
+    together = (hashlib.sha256(b"header"), hashlib.sha256())
+    hash_together(together, memoryview(data))
+    assert together[0].hexdigest() == hashlib.sha256(b"header" + data).hexdigest()
+    assert together[1].hexdigest() == hashlib.sha256(data).hexdigest()
+    alone = hashlib.sha256()
+    hash_together((alone,), memoryview(data))
+    assert alone.hexdigest() == hashlib.sha256(data).hexdigest()
