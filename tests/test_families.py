@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import load_tensors
+from conftest import interrupt_after, load_tensors
 from weight_diff import families
 from weight_diff.arithmetic import torch_row_mean
 from weight_diff.cli import main
@@ -120,6 +120,21 @@ def test_wizardlm_is_alpacas_rule_without_the_sum(fp32_case, tmp_path):
     report = recover(raw_dir, diff_dir, tmp_path / "out", family="wizardlm")
     assert report.family == "wizardlm" and report.family_reason == "chosen with --family" and not report.checks
     _check_equal(tmp_path / "out", expected)
+
+
+def test_resume_under_another_family_is_refused_and_under_the_same_gives_the_rule_s_model(fp32_case, tmp_path):
+    """Two rules that write the same dtypes but fill added rows differently (weight-diff: the exact mean of raw's
+    rows, float64, wizardlm: torch's float32 mean): shards written by one must not be completed by the other."""
+    work, raw_dir, tuned_dir, diff, expected = fp32_case
+    diff_dir = _write_diff(tmp_path / "wizard-diff", diff, tuned_dir, pad="[PAD]")
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        recover(raw_dir, diff_dir, out, family="wizardlm", max_shard_size="100KB", progress=interrupt_after(300_000))
+    with pytest.raises(UsageError, match="other inputs or options"):
+        recover(raw_dir, diff_dir, out, family="weight-diff", max_shard_size="100KB", resume=True)
+    report = recover(raw_dir, diff_dir, out, family="wizardlm", max_shard_size="100KB", resume=True)
+    assert report.resumed_shards >= 1
+    _check_equal(out, expected)
 
 
 def test_open_instruct_is_detected_from_its_pad_token(fp32_case, tmp_path):

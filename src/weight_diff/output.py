@@ -16,14 +16,18 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import IntegrityError, UsageError, WeightDiffError
 from .files import CONFIG_NAME, is_companion, write_atomic
 from .manifest import MANIFEST_NAME, RECOVERY_NAME, SUMS_NAME, file_sha256, read_sums
-from .plan import Plan
+from .plan import Plan, TensorJob
 from .sizes import format_size
 from .untrusted import load_json
 from .writer import PARTIAL_SUFFIX, fsync_directory
+
+if TYPE_CHECKING:
+    from .compact import CompactJob
 
 JOURNAL_NAME = ".weight-diff-progress.json"
 SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
@@ -170,8 +174,18 @@ def remove_partials(out: Path) -> None:
 
 def plan_fingerprint(mode: str, plan: Plan, inputs: list[Path | str]) -> str:
     """Return a hash of what a run will produce from which input files, so --resume never mixes two runs."""
-    shards = [[s.file_name, [[j.name, str(j.out_dtype), list(j.out_shape)] for j in s.jobs]] for s in plan.shards]
+    shards = [[s.file_name, [_recipe(job) for job in s.jobs]] for s in plan.shards]
     return inputs_fingerprint(mode, shards, inputs)
+
+
+def _recipe(job: TensorJob | CompactJob) -> list:
+    """What decides a tensor's bytes besides the input files: its name, dtype and shape and, for raw + diff, the
+    family's rule (the arithmetic's dtype, how added rows are filled, a diff that holds the result itself): a run
+    resumed with another --family must not add to shards written by the first rule."""
+    recipe = [job.name, str(job.out_dtype), list(job.out_shape)]
+    if isinstance(job, TensorJob):
+        recipe += [str(job.arithmetic), job.fill, job.absolute, job.added_rows]
+    return recipe
 
 
 def inputs_fingerprint(mode: str, produces: list, inputs: list[Path | str]) -> str:
