@@ -127,6 +127,31 @@ def damage_block(diff, tensor):
     raise AssertionError(tensor)
 
 
+def test_a_second_copy_of_a_compact_file_is_refused_before_anything_is_written(compact_pairs, copy_dir, tmp_path):
+    raw, _, diff = compact_pairs[torch.bfloat16]
+    diff = copy_dir(diff, "duplicate")
+    first = sorted(diff.glob("*.wdc"))[0]
+    shutil.copy(first, diff / f"{first.stem} (1).wdc")  # a browser's repeated download
+    result = run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", tmp_path / "out")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"is in both {first.stem} (1).wdc and {first.name}" in result.output  # in file name order
+    assert "keep only the files the diff's SHA256SUMS lists" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_diff_refuses_rows_wider_than_recover_reads(build_pair, monkeypatch, tmp_path):
+    from weight_diff import compact
+
+    raw, tuned = build_pair()
+    monkeypatch.setattr(compact, "MAX_ROW_VALUES", 32)  # the tiny model's rows hold 64 values and more
+    result = run("make-diff", "--format", "compact", "--path_raw", raw, "--path_tuned", tuned,
+                 "--path_diff", tmp_path / "d", "--quiet")  # fmt: skip
+    assert result.exit_code == 1 and "values; the compact format takes rows of up to 32: use --format float32" in (
+        result.output
+    )
+    assert not (tmp_path / "d").exists()
+
+
 def test_a_damaged_block_is_named_and_no_model_is_written(compact_pairs, copy_dir, tmp_path):
     raw, _, diff = compact_pairs[torch.bfloat16]
     diff = copy_dir(diff, "damaged")
@@ -498,8 +523,11 @@ def test_nan_and_inf_are_warned_by_compact_make_diff_and_recover_as_by_the_float
 
 
 @pytest.mark.parametrize(
-    "index", [b"[" * 100000, b"[]", b'{"format": "weight-diff-compact", "version": NaN}'], ids=["nested", "list", "nan"]
-)
+    "index",
+    [b"[" * 100000, b"[]", b'{"format": "weight-diff-compact", "version": NaN}',
+     b'{"format": "weight-diff-compact", "version": 3, "codec": {}, "tensors": [1]}'],
+    ids=["nested", "list", "nan", "tensors-list"],
+)  # fmt: skip
 def test_a_damaged_container_index_is_one_clear_refusal(compact_pairs, tmp_path, index):
     from weight_diff.container import ContainerReader
     from weight_diff.errors import IntegrityError
@@ -511,6 +539,48 @@ def test_a_damaged_container_index_is_one_clear_refusal(compact_pairs, tmp_path,
     path.write_bytes(data[: -16 - length] + index + struct.pack("<Q8s", len(index), b"WDCOMPCT"))
     with pytest.raises(IntegrityError, match=r"diff\.wdc: its index is damaged.* \(.*\); download it again$"):
         ContainerReader(path)
+
+
+def _edit_index(path, edit):
+    """Rewrite a .wdc file's index with ``edit(index)`` applied (the payloads stay as they are)."""
+    data = path.read_bytes()
+    length = struct.unpack("<Q", data[-16:-8])[0]
+    index = json.loads(data[-16 - length : -16])
+    edit(index)
+    body = json.dumps(index).encode()
+    path.write_bytes(data[: -16 - length] + body + struct.pack("<Q8s", len(body), b"WDCOMPCT"))
+
+
+UP = "model.layers.0.mlp.up_proj.weight"
+INDEX_EDITS = {  # what a damaged or hostile index claims, found by a review: each once ended in a bare error
+    "rows-past-the-end": lambda t: t[UP]["blocks"][-1].__setitem__(1, t[UP]["shape"][0] + 2),
+    "no-blocks": lambda t: t[UP].__setitem__("blocks", []),
+    "huge-rows": lambda t: t[UP]["blocks"][0].__setitem__(1, 10**10),
+    "negative-size": lambda t: t[UP]["blocks"][0].__setitem__(3, -5),
+    "huge-row-width": lambda t: t.__setitem__("extra", {"dtype": "bfloat16", "shape": [0, 10**12],
+                                                        "raw_dtype": None, "raw_rows": 0, "blocks": []}),
+    "one-block-of-a-billion-values": lambda t: t.__setitem__("extra", {
+        "dtype": "bfloat16", "shape": [2**24, 64], "raw_dtype": None, "raw_rows": 0, "blocks": [[0, 2**24, 8, 9]]}),
+    "raw-rows-past-the-end": lambda t: t[UP].__setitem__("raw_rows", t[UP]["shape"][0] + 1),
+    "blocks-mix-raw-and-stored-rows": lambda t: t[UP].__setitem__("raw_rows", 1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("edit", INDEX_EDITS, ids=str)
+def test_an_index_whose_blocks_or_shapes_weight_diff_never_writes_is_named_damaged(
+    compact_pairs, copy_dir, tmp_path, edit
+):
+    raw, _, diff = compact_pairs[torch.bfloat16]
+    diff = copy_dir(diff, edit)
+    path = next(p for p in sorted(diff.glob("*.wdc")) if UP.encode() in p.read_bytes()[-100_000:])
+    _edit_index(path, lambda index: INDEX_EDITS[edit](index["tensors"]))
+    for args in (["recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", tmp_path / "out"],
+                 ["verify", diff]):  # fmt: skip
+        result = run(*args)
+        assert result.exit_code == 1, result.output
+        assert f"{path}: its index is damaged" in result.output and "download it again" in result.output
+        assert "Traceback" not in result.output and "unexpected" not in result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_an_index_larger_than_any_weight_diff_writes_is_refused_unread(compact_pairs, copy_dir, tmp_path):

@@ -47,7 +47,7 @@ from .codec import (
     payload_capacity,
     unpacked_capacity,
 )
-from .container import SUFFIX, CompactTensor, ContainerReader, ContainerWriter, compact_files
+from .container import MAX_ROW_VALUES, SUFFIX, CompactTensor, ContainerReader, ContainerWriter, compact_files
 from .errors import IntegrityError, PlanError, UsageError
 from .manifest import Digest, TensorRecord, dtype_name, hash_together, tensor_bytes
 from .plan import Plan, ShardPlan, plan_pairs, plan_shards
@@ -114,6 +114,9 @@ def plan_make(raw: dict[str, TensorInfo], tuned: dict[str, TensorInfo], *, max_s
     for name, info in tuned.items():
         if info.dtype not in FLOAT_DTYPES:
             raise PlanError(f"tuned tensor {name} is {info.dtype}, not floating point: not model weights")
+        if info.row_numel > MAX_ROW_VALUES:  # recover refuses such rows: they are a unit of memory on every lane
+            raise PlanError(f"tuned tensor {name} has rows of {info.row_numel} values; the compact format takes "
+                            f"rows of up to {MAX_ROW_VALUES}: use --format float32")  # fmt: skip
         base = paired[name].raw if name in paired else None
         jobs.append(CompactJob(name, info.dtype, info.shape, base, info))
     return _plan(jobs, max_shard_size, file_name=_compact_name)
@@ -132,10 +135,18 @@ def plan_recover(raw: dict[str, TensorInfo], diff_dir: Path, *, dtype: str, max_
             f"--dtype {dtype}: a compact diff recovers the tuned model bit for bit in its own dtype; omit --dtype"
         )
     jobs = []
+    seen: dict[str, Path] = {}
     for path in compact_files(diff_dir):
         with ContainerReader(path) as reader:
             entries = list(reader.tensors.values())
         for entry in entries:
+            if entry.name in seen:
+                raise PlanError(
+                    f"{diff_dir}: tensor {entry.name} is in both {seen[entry.name].name} and {path.name}: the folder "
+                    "holds a second copy of a file (a repeated download?) or files of two diffs; keep only the "
+                    "files the diff's SHA256SUMS lists"
+                )
+            seen[entry.name] = path
             base = None
             if entry.raw_dtype is not None:
                 base = raw.get(entry.name)
@@ -306,7 +317,9 @@ class CompactStream:
     def __init__(self, plan: Plan, raw: Checkpoint, out_dir: Path, *, progress: Callable[[int], None]) -> None:
         self.plan, self.raw, self.out_dir, self.progress = plan, raw, out_dir, progress
         largest_row = max((job.row_numel for job in plan.jobs), default=1)
-        elements = max(BLOCK_ELEMENTS, largest_row)
+        stored = [(b.stop - b.start) * job.row_numel for job in plan.jobs if isinstance(job.other, CompactTensor)
+                  for b in job.other.blocks]  # fmt: skip
+        elements = max(BLOCK_ELEMENTS, largest_row, *stored)  # version 1 wrote blocks of 4M values
         self._ring = [_Buffers.allocate(elements) for _ in range(RING_DEPTH)]
         self._local = threading.local()
 

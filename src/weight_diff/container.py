@@ -52,6 +52,10 @@ SUFFIX = ".wdc"
 # weight-diff writes about 40 bytes of index a block of 2M values (1.4 MB for a 70B model): an index claiming more
 # than this is not one it wrote, and is refused before it is read into memory.
 MAX_INDEX_BYTES = 256 * 2**20
+# The largest blocks any version wrote: version 1 took 4M values a block, later ones 2M, or one row where a row is
+# larger. Rows are capped too: a row is one unit of memory on every lane, and no model has one near this size.
+MAX_BLOCK_VALUES = 4 * 2**20
+MAX_ROW_VALUES = 16 * 2**20
 _TRAILER = struct.Struct("<Q8s")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -149,6 +153,27 @@ class ContainerWriter:
         self._file.abort()
 
 
+def _checked(entry: CompactTensor) -> CompactTensor:
+    """Return ``entry`` when its shape and blocks are ones weight-diff writes, else raise ValueError (a damaged or
+    hostile index): blocks cover the rows in order, each within the size any version wrote, so nothing downstream
+    allocates or writes more than the index's rows say."""
+    if any(n < 0 for n in entry.shape) or not 0 <= entry.raw_rows <= entry.rows:
+        raise ValueError(f"tensor {entry.name} has shape {list(entry.shape)} and {entry.raw_rows} raw rows")
+    if entry.raw_dtype is None and entry.raw_rows:
+        raise ValueError(f"tensor {entry.name} has raw rows but no raw dtype")
+    if entry.row_numel > MAX_ROW_VALUES:
+        raise ValueError(f"tensor {entry.name} has rows of {entry.row_numel} values, more than weight-diff writes")
+    most = max(MAX_BLOCK_VALUES // max(entry.row_numel, 1), 1)  # rows a block may hold
+    expected = 0
+    for block in entry.blocks:
+        if block.start != expected or not 0 < block.stop - block.start <= most:
+            raise ValueError(f"tensor {entry.name}: block of rows {block.start}:{block.stop} out of order or size")
+        expected = block.stop
+    if expected != entry.rows or entry.raw_rows not in {b.start for b in entry.blocks} | {entry.rows}:
+        raise ValueError(f"tensor {entry.name}: its blocks do not cover its {entry.rows} rows as coded")
+    return entry
+
+
 class ContainerReader:
     """An open compact file: its index, and blocks read on demand with ``pread``."""
 
@@ -187,13 +212,15 @@ class ContainerReader:
                     f"{self.path}: compact format version {str(version)[:20]}; this weight-diff reads versions "
                     f"{', '.join(map(str, READS))}: upgrade weight-diff"
                 )
+            if not isinstance(index["tensors"], dict):
+                raise ValueError("its tensors are not a table")
             tensors = {}
             for name, body in index["tensors"].items():
                 blocks = tuple(Block(*map(int, block)) for block in body["blocks"])
-                if any(b.offset < len(MAGIC) or b.offset + b.size > start for b in blocks):
+                if any(b.offset < len(MAGIC) or b.size < 0 or b.offset + b.size > start for b in blocks):
                     raise ValueError(f"block of {name} outside the file")
                 raw_dtype = body["raw_dtype"]
-                tensors[name] = CompactTensor(
+                tensors[name] = _checked(CompactTensor(
                     name=name,
                     dtype=DTYPES[body["dtype"]],
                     shape=tuple(int(n) for n in body["shape"]),
@@ -202,9 +229,9 @@ class ContainerReader:
                     blocks=blocks,
                     file=self.path,
                     version=version,
-                )
+                ))  # fmt: skip
             return index["codec"], tensors
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"{self.path}: its index is damaged ({exc}); download it again") from None
 
     def read_block(self, block: Block, out: torch.Tensor | None = None) -> bytes | memoryview:
