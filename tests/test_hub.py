@@ -136,8 +136,9 @@ def test_a_corrupted_download_is_named_and_deleted_and_a_second_run_succeeds(hub
     assert true_sha not in blobs(tmp_path, LEGACY)  # the bad copy is gone, not served from the cache next time
     assert not any(name.endswith(hub_source.PARTIAL_SUFFIX) for name in blobs(tmp_path, LEGACY))
     assert not (out / "config.json").exists()
+    assert not out.exists()  # refused before its first shard: the output is left as it was (not there)
     del hub.faults[(LEGACY, SHARD1)]
-    again = run("recover", "--path_raw", RAW, "--path_diff", LEGACY, "--path_tuned", out, "--resume", "-q")
+    again = run("recover", "--path_raw", RAW, "--path_diff", LEGACY, "--path_tuned", out, "-q")  # the same command
     assert again.exit_code == 0, again.output
     assert_same(load_tensors(out), local_result)
 

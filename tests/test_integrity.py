@@ -58,8 +58,7 @@ def test_a_raw_model_from_another_seed_is_refused_at_the_first_tensor(build_pair
     first = plans[0].jobs[0]
     assert len(plans[0].shards) > 1
     assert str(error.value).startswith(f"raw tensor {first.name} (in {first.raw.file})")
-    assert not (tmp_path / "out" / "config.json").exists()
-    assert not [p for p in (tmp_path / "out").iterdir() if p.suffix == ".safetensors"]  # stopped in shard one
+    assert not (tmp_path / "out").exists()  # stopped in shard one: the directory it made is gone with it
 
 
 def test_a_raw_model_in_another_precision_is_refused_before_any_write(build_pair, made_diff, tmp_path):

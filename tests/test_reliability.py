@@ -326,3 +326,62 @@ def test_a_ctrl_c_as_a_file_is_created_leaves_no_partial_file_and_resume_finishe
     assert not list(out.glob("*.partial")) and not (out / "config.json").exists()
     report = recover(raw, diff, out, max_shard_size="100KB", resume=True)
     assert report.resumed_shards >= 1 and report.verified
+
+
+# --- a refused run leaves the output as it found it ---------------------------------------------------------------
+
+
+@pytest.fixture
+def made_compact(pair, tmp_path_factory):
+    from weight_diff.jobs import make_diff
+
+    raw, tuned = pair
+    diff = tmp_path_factory.mktemp("compact") / "diff"
+    make_diff(raw, tuned, diff, diff_format="compact")
+    return diff
+
+
+@pytest.mark.parametrize("kind", ["float32", "compact"])
+def test_a_run_refused_at_its_first_tensor_leaves_no_directory_and_the_same_command_then_works(
+    build_pair, pair, made_diff, made_compact, tmp_path, kind
+):
+    other_raw, _ = build_pair(seed=7)
+    diff = made_diff if kind == "float32" else made_compact
+    out = tmp_path / "new" / "nested" / "out"
+    refused = recover_cli(other_raw, diff, out)
+    assert refused.exit_code == 1 and "No model was written" in refused.output, refused.output
+    assert not (tmp_path / "new").exists()  # the directories it made are gone with it
+    again = recover_cli(pair[0], diff, out)  # the corrected command, as it was: no --resume, no --overwrite
+    assert again.exit_code == 0 and "verified" in again.output, again.output
+
+
+@pytest.mark.parametrize("kind", ["float32", "compact"])
+def test_overwrite_refused_at_its_first_tensor_keeps_the_earlier_model_byte_for_byte(
+    build_pair, pair, made_diff, made_compact, tmp_path, kind
+):
+    other_raw, _ = build_pair(seed=7)
+    diff = made_diff if kind == "float32" else made_compact
+    out = tmp_path / "out"
+    assert recover_cli(pair[0], diff, out, "--max-shard-size", "100KB").exit_code == 0
+    before = snapshot(out)
+    refused = recover_cli(other_raw, diff, out, "--overwrite")
+    assert refused.exit_code == 1 and "No model was written" in refused.output, refused.output
+    assert snapshot(out) == before and sorted(os.listdir(out)) == sorted(before)  # nothing hidden left behind
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+def test_overwrite_interrupted_before_its_first_shard_keeps_the_earlier_model_aside_until_resume_finishes(
+    pair, made_diff, tmp_path
+):
+    out = tmp_path / "out"
+    recover(pair[0], made_diff, out, max_shard_size="100KB")
+    before = snapshot(out)
+    with pytest.raises(KeyboardInterrupt):
+        recover(pair[0], made_diff, out, overwrite=True, progress=interrupt_after(0))
+    aside = out / output.ASIDE_NAME
+    assert {name.removeprefix(output.ASIDE_NAME + "/"): data for name, data in snapshot(out).items()
+            if name.startswith(output.ASIDE_NAME)} == before  # fmt: skip
+    assert not (out / "config.json").exists()  # the directory no longer loads as the earlier model
+    report = recover(pair[0], made_diff, out, resume=True)
+    assert report.verified and not aside.exists()
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0

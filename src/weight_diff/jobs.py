@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import torch
 from . import __version__, compact, families, files, output, tokenizer, xor
 from .checkpoint import Checkpoint
 from .checks import ALL_CHECKS, RAW_CHECKS, Finding, Plausibility
-from .errors import IntegrityError, UsageError
+from .errors import DiskFullError, IntegrityError, UsageError
 from .manifest import (
     MANIFEST_NAME,
     RECOVERY_NAME,
@@ -243,16 +243,23 @@ def _recover_xor(
     )
     kept = journal.finished_shards(frozenset(item.name for item in plan.files)) if resume else frozenset()
     output.check_free_space(out, sum(item.size for item in plan.files if item.name not in kept))
+
+    def on_file(name: str, digest: str) -> None:
+        journal.record(name, digest)
+        output.drop_aside(out)
+
     if overwrite and not resume and out.is_dir() and any(out.iterdir()):
-        output.clear_for_overwrite(out)  # only files of ours, never the whole directory (output.claim made it)
-    journal.save()
-    done = xor.apply_xor(
-        plan,
-        out,
-        progress or (lambda nbytes: None),
-        done={name: journal.shards[name] for name in kept},
-        on_file=journal.record,
-    )
+        output.set_aside(out)  # only files of ours, never the whole directory (output.claim made it)
+    with _undone_unless_a_shard_finished(out, journal):
+        journal.save()
+        done = xor.apply_xor(
+            plan,
+            out,
+            progress or (lambda nbytes: None),
+            done={name: journal.shards[name] for name in kept},
+            on_file=on_file,
+        )
+        output.drop_aside(out)
     # A record of the run, as recover's other paths leave: inspect says how the model was made, and --overwrite
     # knows the directory as ours.
     record = _xor_record(diff_dir, rule, done)
@@ -491,11 +498,8 @@ def _run(
             small[files.CHAT_TEMPLATE_FILE] = chat_template.encode()
     done = journal.finished_shards()
     output.check_free_space(out, sum(s.nbytes for s in plan.shards if s.file_name not in done))
-    if overwrite and out.is_dir() and not resume:
-        output.clear_for_overwrite(out)
     output.make_output_dir(out)
     output.remove_partials(out)
-    journal.save()
     if records is not None:
         records.update({name: TensorRecord.from_dict(body) for name, body in journal.tensors.items()})
     shard_jobs = {shard.file_name: shard.jobs for shard in plan.shards}
@@ -506,11 +510,15 @@ def _run(
     def on_shard(name: str, digest: str) -> None:
         kept = {job.name: asdict(records[job.name]) for job in shard_jobs[name]} if records is not None else None
         journal.record(name, digest, kept)
+        output.drop_aside(out)  # an earlier output --overwrite set aside: this run has a shard of its own now
         written([job.name for job in shard_jobs[name]])
 
     if on_plan is not None:
         on_plan(plan)
-    try:
+    if overwrite and not resume and any(out.iterdir()):
+        output.set_aside(out)
+    with _undone_unless_a_shard_finished(out, journal):
+        journal.save()
         if stream is not None:
             stream(done, on_shard)
         else:
@@ -541,12 +549,8 @@ def _run(
             sums[name] = _sha256(data)
         sums[files.CONFIG_NAME] = _sha256(config_bytes)
         files.write_atomic(out / SUMS_NAME, format_sums(sums).encode())
+        output.drop_aside(out)
         files.write_atomic(out / files.CONFIG_NAME, config_bytes)  # last: from now on the directory loads as a model
-    except BaseException:
-        # The writers remove their own partial files, but a Ctrl-C can land between a file's creation and the
-        # code that would clean it up; the lanes have stopped by now, so whatever is still partial goes.
-        output.remove_partials(out)
-        raise
     journal.remove()
     return RunReport(
         out_dir=out,
@@ -563,6 +567,26 @@ def _run(
         all_zero=bool(plan.jobs) and not done and len(zero_tensors) == len(plan.jobs),
         left_behind=tuple(files.left_behind(other.directory)),
     )
+
+
+@contextlib.contextmanager
+def _undone_unless_a_shard_finished(out: Path, journal: output.Journal) -> Iterator[None]:
+    """On any failure or interruption, remove what is half-written. An interruption or a full disk keeps the
+    journal, for --resume. A refusal (the wrong raw model, a damaged diff) before any shard finished (none is
+    journaled, none is on disk: a shard renamed into place a moment before its journal entry keeps the journal,
+    which marks the directory as ours) also removes the journal and puts back an earlier output --overwrite set
+    aside: the output is left as the run found it, and the same command can simply run again."""
+    try:
+        yield
+    except BaseException as exc:
+        # The writers remove their own partial files, but a Ctrl-C can land between a file's creation and the
+        # code that would clean it up; the lanes have stopped by now, so whatever is still partial goes.
+        output.remove_partials(out)
+        left = {path.name for path in out.iterdir()} - {output.JOURNAL_NAME, output.ASIDE_NAME}
+        if not isinstance(exc, KeyboardInterrupt | DiskFullError) and not journal.shards and not left:
+            journal.remove()
+            output.put_back(out)
+        raise
 
 
 def _check_before_writing(

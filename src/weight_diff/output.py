@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .compact import CompactJob
 
 JOURNAL_NAME = ".weight-diff-progress.json"
+ASIDE_NAME = ".weight-diff-replaced"  # --overwrite: the earlier output, until the new run finishes a shard
 SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
 # What a run of ours may leave in its output besides the files its SHA256SUMS lists: --overwrite removes only these.
 OUR_NAMES = {JOURNAL_NAME, SUMS_NAME, CONFIG_NAME, RECOVERY_NAME, MANIFEST_NAME, "model.safetensors.index.json"}
@@ -131,6 +132,8 @@ def ours_to_remove(out: Path) -> list[Path]:
     ours = []
     for path in sorted(out.iterdir()):
         name = path.name
+        if name == ASIDE_NAME and path.is_dir() and not path.is_symlink():
+            continue  # an earlier output set aside by an --overwrite run that never finished a shard: see set_aside
         known = name in listed or name in OUR_NAMES or OUR_SHARD.match(name.removesuffix(PARTIAL_SUFFIX))
         if not known and name.endswith(PARTIAL_SUFFIX):
             known = name.removesuffix(PARTIAL_SUFFIX) in listed | OUR_NAMES
@@ -156,12 +159,45 @@ def check_free_space(out: Path, needed: int) -> None:
         )
 
 
-def clear_for_overwrite(out: Path) -> None:
-    """Remove an earlier output of ours; config.json goes first so it stops loading as a model at once."""
+def set_aside(out: Path) -> None:
+    """Move an earlier output of ours (--overwrite) into a hidden folder of ``out``, by renames: no copy, no disk.
+
+    It is dropped once the new run finishes its first shard (``drop_aside``), and put back when the run stops
+    before that (``put_back``): a run refused at its first tensor (the wrong raw model, a damaged diff) leaves the
+    earlier model as it was. An aside already there holds the last output that was whole (an --overwrite run
+    killed before its first shard left it): it stays, and what that run left goes.
+    """
     ours = ours_to_remove(out)
-    (out / CONFIG_NAME).unlink(missing_ok=True)
+    aside = out / ASIDE_NAME
+    if aside.is_dir():
+        for path in ours:
+            path.unlink(missing_ok=True)
+        return
+    aside.mkdir()
+    config = out / CONFIG_NAME
+    if config.exists():  # first, so that the directory stops loading as a model at once
+        os.rename(config, aside / CONFIG_NAME)
     for path in ours:
-        path.unlink(missing_ok=True)
+        if path != config:
+            os.rename(path, aside / path.name)
+    fsync_directory(out)
+
+
+def put_back(out: Path) -> None:
+    """Restore the output ``set_aside`` moved away (config.json last: the model loads only once it is whole)."""
+    aside = out / ASIDE_NAME
+    if not aside.is_dir():
+        return
+    for path in sorted(aside.iterdir(), key=lambda p: p.name == CONFIG_NAME):
+        os.replace(path, out / path.name)
+    aside.rmdir()
+    fsync_directory(out)
+
+
+def drop_aside(out: Path) -> None:
+    """Delete the earlier output ``set_aside`` kept: the new run has a shard of its own on disk."""
+    if (out / ASIDE_NAME).is_dir():
+        shutil.rmtree(out / ASIDE_NAME)
 
 
 def remove_partials(out: Path) -> None:
