@@ -165,3 +165,34 @@ def test_hashing_together_gives_each_hash_the_digest_of_the_whole_data(size):
     alone = hashlib.sha256()
     hash_together((alone,), memoryview(data))
     assert alone.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_verify_refuses_a_diff_that_cannot_vouch_for_the_model_and_a_diff_given_as_the_model(pair, made_diff, tmp_path):
+    """Each of these once ended 'verified', exit 0 (found by a review)."""
+    raw, _ = pair
+    out = tmp_path / "out"
+    recover(raw, made_diff, out)
+    (tmp_path / "a-file").write_text("x")
+    cases = {
+        tmp_path / "nowhere": "no such directory",
+        tmp_path / "a-file": "not a directory",
+        raw: "has no weight-diff-manifest.json, so nothing vouches for the model's tensors",
+        out: "has no weight-diff-manifest.json",
+    }
+    for given, message in cases.items():
+        result = run("verify", out, "--diff", given)
+        assert result.exit_code == 2 and message in result.output and "verified" not in result.output, result.output
+    swapped = run("verify", made_diff, "--diff", out)
+    assert swapped.exit_code == 2 and "a weight diff, not a recovered model" in swapped.output, swapped.output
+    assert run("verify", out, "--diff", made_diff).exit_code == 0
+
+
+def test_verify_of_an_interrupted_output_says_to_finish_it(pair, made_diff, tmp_path):
+    from conftest import interrupt_after
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        recover(pair[0], made_diff, out, max_shard_size="100KB", progress=interrupt_after(300_000))
+    result = run("verify", out)
+    assert result.exit_code == 2 and "an unfinished weight-diff run (interrupted)" in result.output
+    assert "--resume" in result.output

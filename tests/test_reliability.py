@@ -385,3 +385,21 @@ def test_overwrite_interrupted_before_its_first_shard_keeps_the_earlier_model_as
     report = recover(pair[0], made_diff, out, resume=True)
     assert report.verified and not aside.exists()
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+
+
+def test_an_interruption_says_resume_only_where_there_is_a_run_to_resume(pair, made_diff, tmp_path, monkeypatch):
+    from weight_diff import compare
+    from weight_diff.checkpoint import Checkpoint
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "compare_models", stop)
+    result = run("compare", pair[0], pair[1])
+    assert result.exit_code == 130 and result.output.strip() == "error: interrupted"
+    monkeypatch.setattr(Checkpoint, "open", stop)  # before the output is made
+    out = tmp_path / "out"
+    result = recover_cli(pair[0], made_diff, out)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip() == "error: interrupted before anything was written; run the same command again"
+    assert not out.exists()

@@ -49,21 +49,24 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+# The parameter naming each writing command's output: an interrupted run of these can be resumed there.
+OUTPUTS = {"recover": "path_tuned", "make-diff": "path_diff"}
+
+
 def reports_errors(command: Callable) -> Callable:
     """Run a command so that every failure is one clear line on stderr and a non-zero status, not a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug", False)
+        context = click.get_current_context()
+        debug = context.find_root().params.get("debug", False)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:
             if debug:
                 raise
-            error = Interrupted(
-                "interrupted; finished shards were kept. Run the same command with --resume to continue"
-            )
+            error = Interrupted(_interrupted(context.info_name, kwargs.get(OUTPUTS.get(context.info_name, ""))))
             raise _Stop(str(error), error.exit_code) from None
         except WeightDiffError as error:
             if debug:
@@ -88,6 +91,17 @@ def reports_errors(command: Callable) -> Callable:
             signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _interrupted(command: str | None, out: str | None) -> str:
+    """Say what an interruption left: a run to resume only where a writing command left its journal."""
+    from .output import JOURNAL_NAME
+
+    if command not in OUTPUTS:
+        return "interrupted"
+    if out and (Path(out) / JOURNAL_NAME).is_file():
+        return "interrupted; finished shards were kept. Run the same command with --resume to continue"
+    return "interrupted before anything was written; run the same command again"
 
 
 def _path_option(name: str, help_text: str) -> Callable:

@@ -18,6 +18,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .container import compact_files
 from .errors import IntegrityError, UsageError
 from .manifest import MANIFEST_NAME, SUMS_NAME, Manifest, dtype_name, file_sha256, read_sums, tensor_bytes
+from .output import JOURNAL_NAME
 from .untrusted import confined_name, given_path, resolves_inside
 
 BLOCK_BYTES = 64 * 2**20
@@ -58,7 +59,15 @@ def verify(path: str | Path, *, diff: str | Path | None = None) -> VerifyReport:
         raise UsageError(f"{directory}: no such directory")
     if not directory.is_dir():
         raise UsageError(f"{directory}: not a directory; give the model's or the diff's directory")
-    if (directory / MANIFEST_NAME).is_file() and diff is None:
+    if (directory / JOURNAL_NAME).is_file():
+        raise UsageError(
+            f"{directory}: an unfinished weight-diff run (interrupted); finish it with the same command and "
+            "--resume, then verify"
+        )
+    is_diff = (directory / MANIFEST_NAME).is_file() or bool(compact_files(directory))
+    if diff_dir is not None:
+        _check_diff_dir(directory, diff_dir, is_diff)
+    elif is_diff:
         return _verify_diff(directory)
     report = VerifyReport(directory, "model")
     if not (directory / SUMS_NAME).is_file():
@@ -155,11 +164,25 @@ def _verify_compact_diff(directory: Path, manifest: Manifest, report: VerifyRepo
         report.checks.append(Check(name, False, "in the manifest but not in the diff"))
 
 
+def _check_diff_dir(directory: Path, diff_dir: Path, model_is_a_diff: bool) -> None:
+    """Refuse a --diff that cannot vouch for the model's tensors, and a model that is itself a diff."""
+    if model_is_a_diff:
+        raise UsageError(
+            f"{directory}: a weight diff, not a recovered model; give the recovered model's directory with "
+            f"--diff, or check the diff against its own manifest: weight-diff verify {directory}"
+        )
+    if not diff_dir.is_dir():
+        what = "not a directory" if diff_dir.exists() else "no such directory"
+        raise UsageError(f"--diff {diff_dir}: {what}; give the directory of the diff the model was recovered from")
+    if not (diff_dir / MANIFEST_NAME).is_file():
+        raise UsageError(
+            f"--diff {diff_dir}: has no {MANIFEST_NAME}, so nothing vouches for the model's tensors (a diff in "
+            f"the 2023 format carries none); run verify without --diff to check its {SUMS_NAME}"
+        )
+
+
 def _check_against_manifest(directory: Path, diff_dir: Path, report: VerifyReport) -> None:
     manifest = Manifest.load(diff_dir)
-    if manifest is None:
-        report.notes.append(f"{diff_dir}: has no {MANIFEST_NAME}; only {SUMS_NAME} was checked")
-        return
     with Checkpoint.open(directory) as model:
         for name, record in manifest.tensors.items():
             info = model.tensors.get(name)
