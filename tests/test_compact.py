@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from conftest import fill_disk_after, interrupt_after, snapshot
 from weight_diff import codec, compact, output, writer
 from weight_diff.cli import main
+from weight_diff.errors import IntegrityError
 from weight_diff.jobs import make_diff, recover
 from weight_diff.verify import verify
 
@@ -150,6 +152,58 @@ def test_make_diff_refuses_rows_wider_than_recover_reads(build_pair, monkeypatch
         result.output
     )
     assert not (tmp_path / "d").exists()
+
+
+def test_a_file_of_another_diff_of_the_same_raw_is_blamed_not_the_raw(compact_pairs, copy_dir, tmp_path):
+    raw, tuned, diff = compact_pairs[torch.bfloat16]
+    other = copy_dir(tuned, "another-tune")
+    weights = sorted(other.glob("*.safetensors"))
+    changed = {}
+    for path in weights:
+        tensors = load_file(path)
+        if UP in tensors:
+            tensors[UP] = tensors[UP] * 1.5
+            changed = tensors
+            save_file(tensors, path, metadata={"format": "pt"})
+    assert changed
+    make_diff(raw, other, tmp_path / "other-diff", diff_format="compact", max_shard_size="150KB")
+    mixed = copy_dir(diff, "mixed")
+    holder = next(p for p in sorted(mixed.glob("*.wdc")) if UP.encode() in p.read_bytes()[-100_000:])
+    shutil.copy(tmp_path / "other-diff" / holder.name, holder)  # same name, same tensors, another fine-tune's
+    with pytest.raises(IntegrityError, match=re.escape(f"{holder} differs from the diff's checksums")):
+        recover(raw, mixed, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit", ["shape", "name"])
+def test_an_index_that_disagrees_with_the_manifest_is_blamed_not_the_raw(compact_pairs, copy_dir, tmp_path, edit):
+    raw, _, diff = compact_pairs[torch.bfloat16]
+    diff = copy_dir(diff, f"index-{edit}")
+    path = next(p for p in sorted(diff.glob("*.wdc")) if UP.encode() in p.read_bytes()[-100_000:])
+
+    def change(index):
+        if edit == "shape":  # one more column, and the raw it was coded against with it
+            index["tensors"][UP]["shape"][1] += 2
+        else:
+            index["tensors"][UP.replace("weight", "wexght")] = index["tensors"].pop(UP)
+
+    _edit_index(path, change)
+    result = run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert f"error: {path}: " in result.output and "download it again" in result.output
+    assert "your raw model" not in result.output and "the raw model, which lacks it" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_compact_diff_missing_every_wdc_file_names_the_missing_file(compact_pairs, copy_dir, tmp_path):
+    raw, _, diff = compact_pairs[torch.bfloat16]
+    diff = copy_dir(diff, "no-wdc")
+    first = sorted(diff.glob("*.wdc"))[0].name
+    for path in diff.glob("*.wdc"):
+        path.rename(path.with_suffix(".wdc.bak"))
+    result = run("recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", tmp_path / "out")
+    assert result.exit_code == 1 and f"{first}: compact file named in the manifest is missing" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_damaged_block_is_named_and_no_model_is_written(compact_pairs, copy_dir, tmp_path):

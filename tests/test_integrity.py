@@ -133,6 +133,9 @@ def test_a_diff_whose_tensors_differ_from_its_manifest_is_refused(pair, made_dif
     manifest = json.loads(manifest_path.read_text())
     del manifest["tensors"]["lm_head.weight"]
     manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match=r"weight-diff-manifest\.json: differs from the diff's checksums"):
+        recover(raw, diff, tmp_path / "out")  # the manifest is in SHA256SUMS: an edit is caught before planning
+    (diff / "SHA256SUMS").unlink()
     with pytest.raises(IntegrityError, match="the diff's tensors differ from its manifest"):
         recover(raw, diff, tmp_path / "out")
 

@@ -49,7 +49,7 @@ from .codec import (
 )
 from .container import MAX_ROW_VALUES, SUFFIX, CompactTensor, ContainerReader, ContainerWriter, compact_files
 from .errors import IntegrityError, PlanError, UsageError
-from .manifest import Digest, TensorRecord, dtype_name, hash_together, tensor_bytes
+from .manifest import Digest, Manifest, TensorRecord, dtype_name, hash_together, tensor_bytes
 from .plan import Plan, ShardPlan, plan_pairs, plan_shards
 from .sizes import parse_size
 from .writer import ShardWriter
@@ -127,9 +127,12 @@ def _compact_name(model_shard: str) -> str:
     return model_shard.replace("model", "diff").removesuffix(".safetensors") + SUFFIX
 
 
-def plan_recover(raw: dict[str, TensorInfo], diff_dir: Path, *, dtype: str, max_shard_size: str | int) -> Plan:
+def plan_recover(
+    raw: dict[str, TensorInfo], diff_dir: Path, *, dtype: str, max_shard_size: str | int, manifest: Manifest | None
+) -> Plan:
     """Return the plan of recovering a compact diff: every tensor in its own dtype, paired with raw where coded
-    against it; refuses, before any write, a raw tensor that is missing or of another dtype or shape."""
+    against it; refuses, before any write, a raw tensor that is missing or of another dtype or shape. Each file's
+    index is first held against the manifest, so that a damaged or foreign file is blamed, not the raw model."""
     if dtype != "auto":
         raise UsageError(
             f"--dtype {dtype}: a compact diff recovers the tuned model bit for bit in its own dtype; omit --dtype"
@@ -147,6 +150,8 @@ def plan_recover(raw: dict[str, TensorInfo], diff_dir: Path, *, dtype: str, max_
                     "files the diff's SHA256SUMS lists"
                 )
             seen[entry.name] = path
+            if manifest is not None:
+                _check_entry(entry, manifest)
             base = None
             if entry.raw_dtype is not None:
                 base = raw.get(entry.name)
@@ -162,6 +167,25 @@ def plan_recover(raw: dict[str, TensorInfo], diff_dir: Path, *, dtype: str, max_
                     )
             jobs.append(CompactJob(entry.name, entry.dtype, entry.shape, base, entry))
     return _plan(jobs, max_shard_size, file_name=lambda name: name)
+
+
+def _check_entry(entry: CompactTensor, manifest: Manifest) -> None:
+    """Refuse a file whose index says other than the manifest of a tensor: its name, its dtype and shape, and the
+    raw tensor it was coded against."""
+    record = manifest.tensors.get(entry.name)
+    if record is None:
+        raise IntegrityError(
+            f"{entry.file}: holds tensor {entry.name}, which the diff's manifest does not list: a file of another "
+            "diff, or damaged; download it again"
+        )
+    raw_shape = [entry.raw_rows, *entry.shape[1:]] if entry.shape else []
+    coded = (dtype_name(entry.dtype), list(entry.shape), entry.raw_dtype and (dtype_name(entry.raw_dtype), raw_shape))
+    raw = record.raw and (record.raw.dtype, record.raw.shape)
+    if coded != (record.result.dtype, record.result.shape, raw):
+        raise IntegrityError(
+            f"{entry.file}: its index and the diff's manifest disagree about tensor {entry.name} (its dtype, shape "
+            "or raw counterpart): a file of another diff, or damaged; download it again"
+        )
 
 
 def _plan(jobs: list[CompactJob], max_shard_size: str | int, file_name: Callable[[str], str]) -> Plan:

@@ -122,7 +122,7 @@ def recover(
                 raw_dir, diff_dir, out, chosen, reason, dtype, chat_template, overwrite, resume, progress
             )
             return replace(report, downloads_checked=from_hub)
-        if compact.is_compact(diff_dir):
+        if compact.is_compact(diff_dir) or _manifest_says_compact(diff_dir):
             if rule is not None and rule.name != "weight-diff":
                 raise UsageError(f"{diff_dir}: a compact weight-diff diff, not a {rule.name} diff; omit --family")
             raw_dir = hub.input_dir(path_raw, transfer)
@@ -630,7 +630,7 @@ def _check_promised(directory: Path, promised: dict[str, str]) -> None:
     """Refuse, before anything reads or writes them, a config or companion file that differs from what the diff's
     checksums promise, or that they list but the diff lacks: it was edited or damaged after make-diff."""
     for name, digest in sorted(promised.items()):
-        if not (files.is_companion(name) or name == files.CONFIG_NAME):
+        if not (files.is_companion(name) or name in (files.CONFIG_NAME, MANIFEST_NAME)):
             continue  # weights are checked tensor by tensor against the manifest
         path = directory / name
         if not path.is_file():
@@ -828,9 +828,12 @@ def _recover_compact(
             if missing:
                 raise IntegrityError(f"{diff_dir / missing[0]}: compact file named in the manifest is missing; "
                                      "download it again")  # fmt: skip
-        plan = compact.plan_recover(raw.tensors, diff_dir, dtype=dtype, max_shard_size=max_shard_size)
+        plan = compact.plan_recover(
+            raw.tensors, diff_dir, dtype=dtype, max_shard_size=max_shard_size, manifest=manifest
+        )
         if manifest is not None:
             _check_compact_covers(manifest, plan)
+        promised = expected_file_sums(diff_dir, manifest)
 
         nonfinite: list[str] = []
 
@@ -842,6 +845,13 @@ def _recover_compact(
             expected = manifest.tensors[job.name]
             if record.result.sha256 == expected.result.sha256:
                 return
+            where = job.other.file
+            if where.name in promised and file_sha256(where) != promised[where.name]:  # hashed only on a mismatch
+                raise IntegrityError(
+                    f"tensor {job.name} does not match the diff's manifest, and {where} differs from the diff's "
+                    "checksums: a file of another diff, or changed after make-diff; download it again. No model "
+                    "was written"
+                )
             if job.raw is not None:  # every block passed its checksum: the diff is intact, the raw is not the base
                 raise IntegrityError(
                     f"raw tensor {job.name} (in {job.raw.file}) differs from the one the diff was made against (the "
@@ -875,6 +885,17 @@ def _recover_compact(
         return replace(
             report, family="weight-diff compact", family_reason="its weights are .wdc files", nonfinite=tuple(nonfinite)
         )
+
+
+def _manifest_says_compact(diff_dir: Path) -> bool:
+    """Whether the diff's manifest describes a compact diff (its .wdc files may all be missing: say so)."""
+    if not diff_dir.is_dir() or not (diff_dir / MANIFEST_NAME).is_file():
+        return False
+    try:
+        manifest = Manifest.load(diff_dir)
+    except IntegrityError:
+        return False  # refused with its own message where the manifest is read
+    return manifest is not None and manifest.rules.get("diff_format") == "compact"
 
 
 def _check_compact_covers(manifest: Manifest, plan: Plan) -> None:
