@@ -190,12 +190,13 @@ def test_verify_refuses_a_diff_that_cannot_vouch_for_the_model_and_a_diff_given_
     assert run("verify", out, "--diff", made_diff).exit_code == 0
 
 
-def test_verify_of_an_interrupted_output_says_to_finish_it(pair, made_diff, tmp_path):
+def test_verify_and_inspect_of_an_interrupted_output_say_to_finish_it(pair, made_diff, tmp_path):
     from conftest import interrupt_after
 
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         recover(pair[0], made_diff, out, max_shard_size="100KB", progress=interrupt_after(300_000))
-    result = run("verify", out)
-    assert result.exit_code == 2 and "an unfinished weight-diff run (interrupted)" in result.output
-    assert "--resume" in result.output
+    for command in ("verify", "inspect"):
+        result = run(command, out)
+        assert result.exit_code == 2 and "an unfinished weight-diff run (interrupted)" in result.output
+        assert "--resume" in result.output

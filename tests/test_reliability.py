@@ -403,3 +403,39 @@ def test_an_interruption_says_resume_only_where_there_is_a_run_to_resume(pair, m
     assert result.exit_code == 130, result.output
     assert result.output.strip() == "error: interrupted before anything was written; run the same command again"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("edited", ["generation_config.json", "config.json"])
+def test_overwrite_keeps_a_file_of_ours_that_was_edited_since_and_says_so(pair, made_diff, tmp_path, edited):
+    """Found by a review: --overwrite replaced a config the user had edited after the run (verify had just
+    reported it changed)."""
+    out = tmp_path / "out"
+    assert recover_cli(pair[0], made_diff, out).exit_code == 0
+    assert edited in (out / "SHA256SUMS").read_text()
+    (out / edited).write_text('{"edited": "by hand"}\n')
+    before = snapshot(out)
+    result = recover_cli(pair[0], made_diff, out, "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert f"{edited} was changed after weight-diff wrote it" in result.output
+    assert snapshot(out) == before
+
+
+def test_resume_and_overwrite_together_are_refused_before_anything_changes(pair, made_diff, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        recover(pair[0], made_diff, out, max_shard_size="100KB", progress=interrupt_after(300_000))
+    before = snapshot(out)
+    result = recover_cli(pair[0], made_diff, out, "--max-shard-size", "100KB", "--resume", "--overwrite")
+    assert result.exit_code == 2 and "--resume and --overwrite ask for opposite things" in result.output
+    assert snapshot(out) == before
+
+
+def test_a_dangling_link_as_output_and_a_file_as_demo_folder_are_named(pair, made_diff, tmp_path):
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    result = recover_cli(pair[0], made_diff, link)
+    assert result.exit_code == 1 and f"a link to {tmp_path / 'nowhere'}, which does not exist" in result.output
+    (tmp_path / "a-file").write_text("x")
+    result = run("demo", "--keep", tmp_path / "a-file")
+    assert result.exit_code == 1 and "exists and is not a directory; give --keep a new directory" in result.output
+    assert (tmp_path / "a-file").read_text() == "x" and not (tmp_path / "nowhere").exists()

@@ -18,6 +18,8 @@ from .sizes import format_size
 def run_demo(*, keep: Path | None = None) -> Iterator[str]:
     """Yield what each step did: build base and fine-tune, make the diff, recover it, check it, load it."""
     if keep is not None:
+        if keep.exists() and not keep.is_dir():
+            raise WeightDiffError(f"{keep}: exists and is not a directory; give --keep a new directory")
         keep.mkdir(parents=True, exist_ok=True)
         if any(keep.iterdir()):
             raise WeightDiffError(f"{keep}: not empty; give --keep a new directory")

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 JOURNAL_NAME = ".weight-diff-progress.json"
 ASIDE_NAME = ".weight-diff-replaced"  # --overwrite: the earlier output, until the new run finishes a shard
 SPACE_MARGIN = 64 * 2**20  # headers, config, tokenizer files
+# --overwrite hashes the files of ours up to this size (a model card, a config someone edited) and keeps a changed
+# one; weight shards are larger and are not read (hashing a 52 GB model to replace it would take minutes).
+EDITED_CHECK_BYTES = 128 * 2**20
 # What a run of ours may leave in its output besides the files its SHA256SUMS lists: --overwrite removes only these.
 OUR_NAMES = {JOURNAL_NAME, SUMS_NAME, CONFIG_NAME, RECOVERY_NAME, MANIFEST_NAME, "model.safetensors.index.json"}
 OUR_SHARD = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|diff(-\d{5}-of-\d{5})?\.wdc)$")  # .wdc: compact
@@ -87,6 +90,11 @@ def _lock(locks: contextlib.ExitStack, directory: Path, kind: int, busy: str) ->
 
 def check_location(out: Path, inputs: list[Path], *, overwrite: bool, resume: bool) -> None:
     """Refuse an output that is, lies in, or holds an input, or that would replace files without being asked."""
+    if resume and overwrite:
+        raise UsageError(
+            f"{out}: --resume and --overwrite ask for opposite things (finish the interrupted run there, or start "
+            "again); give one"
+        )
     target = out.resolve()
     for given in inputs:
         source = given.resolve()
@@ -114,19 +122,18 @@ def ours_to_remove(out: Path) -> list[Path]:
 
     A directory is ours when it holds our journal, recovery record or manifest; then every entry must be a file
     its ``SHA256SUMS`` lists or one of the names we write. Anything else (a folder, a stray file) refuses the run:
-    --overwrite never removes what weight-diff did not write.
+    --overwrite never removes what weight-diff did not write, nor a file of ours someone changed since.
     """
     if not any((out / marker).is_file() for marker in OUR_MARKERS):
         raise UsageError(
             f"{out}: not an output of weight-diff (no {RECOVERY_NAME}, {MANIFEST_NAME} or unfinished run there), so "
             "--overwrite will not empty it; choose a new directory or empty it yourself"
         )
-    listed: set[str] = set()
+    sums: dict[str, str] = {}
     if (out / SUMS_NAME).is_file():
-        try:
-            listed = set(read_sums(out / SUMS_NAME))
-        except IntegrityError:
-            listed = set()
+        with contextlib.suppress(IntegrityError):
+            sums = read_sums(out / SUMS_NAME)
+    listed = set(sums)
     with contextlib.suppress(UsageError):  # an interrupted run's finished files (an XOR recovery's: any names)
         listed |= {name for name in Journal.read(out).shards if "/" not in name}
     ours = []
@@ -141,6 +148,11 @@ def ours_to_remove(out: Path) -> list[Path]:
             raise UsageError(
                 f"{out}: holds {name}, which weight-diff did not write, so --overwrite will not remove it; move it "
                 "away or choose a new directory"
+            )
+        if name in sums and path.stat().st_size <= EDITED_CHECK_BYTES and file_sha256(path) != sums[name]:
+            raise UsageError(
+                f"{out}: {name} was changed after weight-diff wrote it (it no longer matches {SUMS_NAME}), so "
+                "--overwrite will not remove it; move it away or choose a new directory"
             )
         ours.append(path)
     return ours
@@ -311,6 +323,8 @@ class Journal:
 
 
 def make_output_dir(out: Path) -> None:
+    if out.is_symlink() and not out.exists():
+        raise WeightDiffError(f"{out}: a link to {os.readlink(out)}, which does not exist; give a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
