@@ -4,8 +4,9 @@
 (codec.py), into ``.wdc`` files (container.py); ``recover`` undoes it and gets the tuned model back bit for bit,
 in its own dtype. Rows with no raw counterpart (added vocabulary rows, tensors the raw model lacks) are stored as
 they are. Blocks are encoded on a pool of threads (zstd and torch release the GIL) and consumed in order on the
-calling thread; recover decompresses and casts on the read lanes and joins on one codec thread. Hashing and
-writing have lanes of their own. A ring of reused buffers keeps memory flat.
+calling thread; recover decompresses and casts on the read lanes and joins on one codec thread. Each tensor is
+hashed on a lane of its own, and files are hashed and written on lanes of their own. A ring of reused buffers
+keeps memory flat.
 
 >>> plan = plan_make(raw.tensors, tuned.tensors, max_shard_size="5GB")
 >>> CompactStream(plan, raw, out_dir, progress=bar.update).encode(tuned, skip=frozenset(), on_tensor=..., on_shard=...)
@@ -49,7 +50,7 @@ from .codec import (
 )
 from .container import MAX_ROW_VALUES, SUFFIX, CompactTensor, ContainerReader, ContainerWriter, compact_files
 from .errors import IntegrityError, PlanError, UsageError
-from .manifest import Digest, Manifest, TensorRecord, dtype_name, hash_together, tensor_bytes
+from .manifest import Digest, Manifest, TensorRecord, dtype_name, tensor_bytes
 from .plan import Plan, ShardPlan, plan_pairs, plan_shards
 from .sizes import parse_size
 from .writer import ShardWriter
@@ -57,7 +58,7 @@ from .writer import ShardWriter
 BLOCK_ELEMENTS = 2 * 2**20  # measured: 1M to 16M values per block compress alike; 2M runs 5-10% faster than 4M (cache)
 # Codec threads, on the two-core machines this is made for. Encoding is the heavy part of make-diff: two threads.
 # Recover has one, which only joins (2.6 s of CPU for a float32 tune at 13B width, 2 layers), its zstd and casts done
-# on the read lanes and its hashes on a lane of their own.
+# on the read lanes and its hashes on lanes of their own.
 ENCODE_WORKERS = 2
 RING_DEPTH = 10  # blocks in flight: read ahead, two in the codec, one being hashed, writes queued
 CODEC = {
@@ -299,12 +300,10 @@ def _damage(block: _Block) -> Iterator[None]:
 class _TensorHashes:
     """Each tensor's SHA-256 (for the manifest), taken on a lane of its own in block order; a finished tensor goes
     to ``on_tensor`` once its hash is in, without stalling the loop that feeds the lanes. Hashing on the calling
-    thread held that loop up: make-diff of a float32 tune took 7.4-7.8 s that way, 6.8-7.0 s with the lane.
+    thread held that loop up: make-diff of a float32 tune took 7.4-7.8 s that way, 6.8-7.0 s with the lane."""
 
-    ``also``: hashes of the same bytes (recover's output file), fed piece by piece with the tensor's."""
-
-    def __init__(self, lane: ThreadPoolExecutor, on_tensor: Callable, also: tuple[hashlib._Hash, ...] = ()) -> None:
-        self._lane, self._on_tensor, self._also = lane, on_tensor, also
+    def __init__(self, lane: ThreadPoolExecutor, on_tensor: Callable) -> None:
+        self._lane, self._on_tensor = lane, on_tensor
         self._result, self._nonfinite = hashlib.sha256(), False
         self._waiting: deque[tuple[CompactJob, Future, bool]] = deque()
 
@@ -313,7 +312,7 @@ class _TensorHashes:
         if block.index == 0:
             self._result, self._nonfinite = hashlib.sha256(), False
         self._nonfinite = self._nonfinite or nonfinite
-        update = self._lane.submit(hash_together, (self._result, *self._also), data)
+        update = self._lane.submit(self._result.update, data)
         if block.stop == block.job.rows:
             self._waiting.append((block.job, self._lane.submit(_record, block.job, self._result), self._nonfinite))
         self.report(wait=False)
@@ -334,8 +333,7 @@ class CompactStream:
     Lanes: two threads read blocks ahead, one the raw rows and one the tuned rows or the payload (two reads in
     flight: make-diff of a bfloat16 tune 3.6-3.8 s against 4.1-4.2 s with one lane for both), codec threads
     encode or decode them, one thread hashes the tuned values in order, one writes, and one more hashes the
-    written ``.wdc`` file (apart from the writes, which wait on the disk). Recover hashes its output file on the
-    tensor-hash lane, piece by piece with the tensors (``manifest.hash_together``).
+    written file (apart from the writes, which wait on the disk).
     """
 
     def __init__(self, plan: Plan, raw: Checkpoint, out_dir: Path, *, progress: Callable[[int], None]) -> None:
@@ -393,7 +391,7 @@ class CompactStream:
 
         # The read lanes also do the work that needs only what they read (zstd on the payload, the cast on the raw
         # rows), so the codec thread only joins; the two SHA-256 passes (the tensors for the manifest, the file for
-        # SHA256SUMS) run on a lane of their own, taking turns piece by piece.
+        # SHA256SUMS) run on lanes of their own.
         def read(block: _Block, buffers: _Buffers) -> np.ndarray:
             entry = block.job.other
             if entry.file not in readers:
@@ -429,16 +427,20 @@ class CompactStream:
     def _decode_shard(self, shard: ShardPlan, lanes: _Lanes, steps, on_tensor, on_shard) -> None:
         writer = ShardWriter(self.out_dir, shard)
         file_hash = hashlib.sha256(writer.header)
-        tensors = _TensorHashes(lanes.tensor_hash, on_tensor, also=(file_hash,))
+        tensors = _TensorHashes(lanes.tensor_hash, on_tensor)
 
         try:
             for block, buffers, (values, odd) in self._in_order(lanes, *steps, _stored_blocks(shard)):
                 data = tensor_bytes(values)
-                # Both hashes on one lane, in block order; the write waits on the disk, the hashes need not.
-                buffers.pending += [tensors.add(block, data, odd), lanes.write.submit(writer.write, data)]
+                # Each hash on a lane of its own, in block order; the write waits on the disk, the hashes need not.
+                buffers.pending += [
+                    tensors.add(block, data, odd),
+                    lanes.hash.submit(file_hash.update, data),
+                    lanes.write.submit(writer.write, data),
+                ]
                 self.progress(len(data))
             tensors.report(wait=True)  # every tensor checked before the shard takes its name
-            digest = lanes.tensor_hash.submit(file_hash.hexdigest)  # the lane is ordered: after every update
+            digest = lanes.hash.submit(file_hash.hexdigest)  # the lane is ordered: after every block's update
             lanes.write.submit(writer.finish).result()
         except BaseException:
             self._drain()
@@ -517,8 +519,8 @@ class _Lanes:
     read: ThreadPoolExecutor
     raw: ThreadPoolExecutor
     codec: ThreadPoolExecutor
-    hash: ThreadPoolExecutor  # make-diff: the .wdc file, for SHA256SUMS
-    tensor_hash: ThreadPoolExecutor  # each tensor, for the manifest (recover: and the output file, piece by piece)
+    hash: ThreadPoolExecutor  # the output file, for SHA256SUMS
+    tensor_hash: ThreadPoolExecutor  # each tensor, for the manifest
     write: ThreadPoolExecutor
 
 

@@ -28,7 +28,6 @@ MANIFEST_VERSION = 1
 SUMS_NAME = "SHA256SUMS"
 RECOVERY_NAME = "weight-diff-recovery.json"  # in a recovered model: which diff, and whether it was verified
 HASH_CHUNK = 16 * 2**20
-HASH_PIECE = 64 * 2**10  # hash_together: 64 KiB pieces measured best (32 KiB alike, 1 MiB no gain)
 
 
 @dataclass(frozen=True)
@@ -150,19 +149,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """Return a contiguous tensor's bytes without a copy (the machine is little-endian, as the hashes require)."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
-def hash_together(hashes: tuple[hashlib._Hash, ...], data: memoryview) -> None:
-    """Feed ``data`` to each of ``hashes`` a cache-sized piece at a time, so that the second hash reads each piece
-    from cache instead of memory (measured: two SHA-256 passes over 512 MB took 0.61 s so, 0.80 s one after the
-    other). Recover hashes every output byte twice: for the manifest's tensor and for ``SHA256SUMS``."""
-    if len(hashes) == 1:
-        hashes[0].update(data)
-        return
-    for start in range(0, len(data), HASH_PIECE):
-        piece = data[start : start + HASH_PIECE]
-        for each in hashes:
-            each.update(piece)
 
 
 def file_sha256(path: Path) -> str:

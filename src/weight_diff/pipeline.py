@@ -28,7 +28,7 @@ import torch
 from . import arithmetic
 from .checkpoint import DIRECT_ALIGN, Checkpoint, aligned_bytes, rows_shape
 from .errors import UsageError
-from .manifest import Digest, dtype_name, hash_together, tensor_bytes
+from .manifest import Digest, dtype_name, tensor_bytes
 from .plan import Plan, ShardPlan, TensorJob
 from .writer import ShardWriter
 
@@ -186,10 +186,6 @@ class Pipeline:
             raise ValueError(mode)
         self.plan, self.raw, self.other, self.out_dir = plan, raw, other, out_dir
         self.mode, self.hashing = mode, hashing
-        # Recover with a manifest hashes each result twice (tensor, file): where results are written as computed,
-        # both hashes take turns on the result lane, piece by piece (manifest.hash_together).
-        together = mode == "recover" and hashing.result and all(job.out_dtype == job.arithmetic for job in plan.jobs)
-        self._file_lane = "result" if together else "file"
         self.on_tensor, self.on_shard, self.progress = on_tensor, on_shard, progress
         self.observe = observe  # sees every block of raw rows with the other side's (plausibility statistics)
         # Waits until the inputs of a shard's tensors are checked (a diff read while it downloads), or raises: the
@@ -226,7 +222,7 @@ class Pipeline:
         writer = ShardWriter(self.out_dir, shard)
         self._writer = writer
         file_hash = hashlib.sha256()
-        self._submit(self._file_lane, file_hash.update, writer.header)
+        self._submit("file", file_hash.update, writer.header)
         unchecked: deque[_TensorHashes] = deque()
         blocks = list(_blocks(shard, self._budget))
         reads: deque[Future] = deque()
@@ -258,7 +254,7 @@ class Pipeline:
             shard.file_name,
             writer,
             done=self._submit("sync", self._finish, shard, writer),
-            digest=self._submit(self._file_lane, file_hash.hexdigest),
+            digest=self._submit("file", file_hash.hexdigest),
         )
 
     def _finish(self, shard: ShardPlan, writer: ShardWriter) -> None:
@@ -366,10 +362,7 @@ class Pipeline:
                 work = _as(buffers.work, job.arithmetic, count, shape)
             written = arithmetic.recover_rows(base, other, result, work)
             if hashes.result is not None:
-                together = (file_hash,) if self._file_lane == "result" else ()
-                buffers.pending.append(
-                    self._submit("result", hash_together, (hashes.result, *together), tensor_bytes(result))
-                )
+                buffers.pending.append(self._submit("result", hashes.result.update, tensor_bytes(result)))
             if hashes.total is not None:
                 hashes.total += written.sum(dtype=torch.float64).item()
         else:
@@ -387,8 +380,7 @@ class Pipeline:
             written = cast
         buffers.pending.append(self._submit("result", _look_at_values, hashes, values, cast))
         data = tensor_bytes(written)
-        if self._file_lane == "file":  # else hashed with the result, above
-            buffers.pending.append(self._submit("file", file_hash.update, data))
+        buffers.pending.append(self._submit("file", file_hash.update, data))
         buffers.pending.append(self._submit("write", writer.write, data))
         buffers.pending.append(self._submit("write", self.progress, len(data)))
 
