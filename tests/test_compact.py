@@ -139,6 +139,8 @@ def test_a_second_copy_of_a_compact_file_is_refused_before_anything_is_written(c
     assert f"is in both {first.stem} (1).wdc and {first.name}" in result.output  # in file name order
     assert "keep only the files the diff's SHA256SUMS lists" in result.output
     assert not (tmp_path / "out").exists()
+    checked = run("verify", diff)  # verify says the same of the folder, not "verified" with a note
+    assert checked.exit_code == 1 and f"also in {first.stem} (1).wdc" in checked.output, checked.output
 
 
 def test_make_diff_refuses_rows_wider_than_recover_reads(build_pair, monkeypatch, tmp_path):

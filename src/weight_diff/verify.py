@@ -153,10 +153,12 @@ def _verify_compact_diff(directory: Path, manifest: Manifest, report: VerifyRepo
     """Check every block of a compact diff against its checksum, and its tensors against the manifest's list."""
     from .compact import check_blocks  # the codec imports zstandard: only for compact diffs
 
-    seen = set()
+    seen: dict[str, str] = {}
     for path in compact_files(directory):
         for name, problem in check_blocks(path):
-            seen.add(name)
+            if name in seen:  # recover refuses such a folder: a second copy of a file, or two diffs' files
+                problem = problem or f"also in {seen[name]}: keep only the files the diff's {SUMS_NAME} lists"
+            seen.setdefault(name, path.name)
             if name not in manifest.tensors:
                 problem = problem or "in the diff but not in its manifest"
             report.checks.append(Check(f"{name} ({path.name})", not problem, problem))
