@@ -439,3 +439,14 @@ def test_a_dangling_link_as_output_and_a_file_as_demo_folder_are_named(pair, mad
     result = run("demo", "--keep", tmp_path / "a-file")
     assert result.exit_code == 1 and "exists and is not a directory; give --keep a new directory" in result.output
     assert (tmp_path / "a-file").read_text() == "x" and not (tmp_path / "nowhere").exists()
+
+
+def test_overwrite_never_removes_a_folder_named_like_its_aside_that_holds_a_users_files(pair, made_diff, tmp_path):
+    out = tmp_path / "out"
+    assert recover_cli(pair[0], made_diff, out).exit_code == 0
+    mine = out / output.ASIDE_NAME
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    result = recover_cli(pair[0], made_diff, out, "--overwrite")
+    assert result.exit_code == 2 and f"{mine}: not an output of weight-diff" in result.output
+    assert (mine / "notes.txt").read_text() == "mine" and (out / "config.json").is_file()

@@ -140,7 +140,8 @@ def ours_to_remove(out: Path) -> list[Path]:
     for path in sorted(out.iterdir()):
         name = path.name
         if name == ASIDE_NAME and path.is_dir() and not path.is_symlink():
-            continue  # an earlier output set aside by an --overwrite run that never finished a shard: see set_aside
+            ours_to_remove(path)  # an earlier output set aside by --overwrite (set_aside): it must be ours too
+            continue
         known = name in listed or name in OUR_NAMES or OUR_SHARD.match(name.removesuffix(PARTIAL_SUFFIX))
         if not known and name.endswith(PARTIAL_SUFFIX):
             known = name.removesuffix(PARTIAL_SUFFIX) in listed | OUR_NAMES
