@@ -370,20 +370,15 @@ def test_overwrite_refused_at_its_first_tensor_keeps_the_earlier_model_byte_for_
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
 
 
-def test_overwrite_interrupted_before_its_first_shard_keeps_the_earlier_model_aside_until_resume_finishes(
-    pair, made_diff, tmp_path
-):
+def test_overwrite_interrupted_before_its_first_shard_leaves_the_earlier_model_as_it_was(pair, made_diff, tmp_path):
     out = tmp_path / "out"
     recover(pair[0], made_diff, out, max_shard_size="100KB")
     before = snapshot(out)
     with pytest.raises(KeyboardInterrupt):
         recover(pair[0], made_diff, out, overwrite=True, progress=interrupt_after(0))
-    aside = out / output.ASIDE_NAME
-    assert {name.removeprefix(output.ASIDE_NAME + "/"): data for name, data in snapshot(out).items()
-            if name.startswith(output.ASIDE_NAME)} == before  # fmt: skip
-    assert not (out / "config.json").exists()  # the directory no longer loads as the earlier model
-    report = recover(pair[0], made_diff, out, resume=True)
-    assert report.verified and not aside.exists()
+    assert snapshot(out) == before and sorted(os.listdir(out)) == sorted(before)  # no journal, no aside
+    report = recover(pair[0], made_diff, out, overwrite=True)  # the same command again
+    assert report.verified and not (out / output.ASIDE_NAME).exists()
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
 
 
@@ -448,5 +443,41 @@ def test_overwrite_never_removes_a_folder_named_like_its_aside_that_holds_a_user
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     result = recover_cli(pair[0], made_diff, out, "--overwrite")
-    assert result.exit_code == 2 and f"{mine}: not an output of weight-diff" in result.output
+    assert result.exit_code == 2 and f"{mine}: holds notes.txt, which weight-diff did not write" in result.output
     assert (mine / "notes.txt").read_text() == "mine" and (out / "config.json").is_file()
+
+
+def test_overwrite_stopped_while_setting_the_earlier_output_aside_puts_it_back(
+    build_pair, pair, made_diff, tmp_path, monkeypatch
+):
+    """Found by a review: a stop between moving the earlier output aside and writing the journal left a directory
+    every later command refused, the earlier model hidden. Ctrl-C puts it back; after a kill (no handler runs),
+    the next --overwrite finishes moving it and a refusal then puts it all back."""
+    out = tmp_path / "out"
+    assert recover_cli(pair[0], made_diff, out, "--max-shard-size", "100KB").exit_code == 0
+    before = snapshot(out)
+    real_rename, calls = os.rename, {"n": 0}
+
+    def rename_then_stop(source, target):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real_rename(source, target)
+
+    monkeypatch.setattr(output.os, "rename", rename_then_stop)
+    stopped = recover_cli(pair[0], made_diff, out, "--overwrite")
+    monkeypatch.setattr(output.os, "rename", real_rename)
+    assert stopped.exit_code == 130 and "interrupted before anything was written" in stopped.output
+    assert snapshot(out) == before and sorted(os.listdir(out)) == sorted(before)
+
+    calls["n"] = 0  # as if killed: the move stops half-way and nothing cleans up
+    monkeypatch.setattr(output.os, "rename", rename_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        output.set_aside(out)
+    monkeypatch.setattr(output.os, "rename", real_rename)
+    assert (out / output.ASIDE_NAME).is_dir() and not (out / "config.json").exists()
+    other_raw, _ = build_pair(seed=7)
+    refused = recover_cli(other_raw, made_diff, out, "--overwrite")
+    assert refused.exit_code == 1 and "No model was written" in refused.output, refused.output
+    assert snapshot(out) == before and sorted(os.listdir(out)) == sorted(before)
+    assert recover_cli(pair[0], made_diff, out, "--overwrite").exit_code == 0

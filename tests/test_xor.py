@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy
 import pytest
 from click.testing import CliRunner
 
-from conftest import interrupt_after
+from conftest import interrupt_after, snapshot
 from weight_diff.cli import main
 from weight_diff.errors import IntegrityError, UsageError
 from weight_diff.inspect_dir import _describe_recovery
@@ -248,3 +249,25 @@ def test_belle_decodes_with_metas_consolidated_and_checks_the_sha256_header(tmp_
     with pytest.raises(IntegrityError, match="not Meta's original LLaMA-7B consolidated.00.pth"):
         recover(meta, payload, tmp_path / "bad")
     assert not (tmp_path / "bad" / "config.json").exists()
+
+
+def test_overwrite_refused_by_a_wrong_raw_file_keeps_the_earlier_recovery_and_the_fixed_command_runs(
+    publisher, tmp_path
+):
+    """Found by a review: the first clear-text file written counted as a finished shard, so the earlier model was
+    deleted, and the refused run's journal blocked the corrected command."""
+    raw, tuned, payload = publisher
+    out = tmp_path / "out"
+    assert _cli_recover(raw, payload, out).exit_code == 0
+    before = snapshot(out)
+    bad = tmp_path / "bad-raw"
+    shutil.copytree(raw, bad)
+    shard = bad / "pytorch_model-00002-of-00002.bin"  # the second weight file: others are written before it fails
+    shard.write_bytes(bytes([shard.read_bytes()[0] ^ 1]) + shard.read_bytes()[1:])
+    refused = _cli_recover(bad, payload, out, "--overwrite")
+    assert refused.exit_code == 1 and "not byte-identical to the one the publisher converted" in refused.output
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == sorted(before)
+    fresh = tmp_path / "fresh"
+    assert _cli_recover(bad, payload, fresh).exit_code == 1 and not fresh.exists()
+    assert _cli_recover(raw, payload, fresh).exit_code == 0  # the corrected command, as it was
+    _assert_the_publishers_files(fresh, tuned)

@@ -244,20 +244,17 @@ def _recover_xor(
     kept = journal.finished_shards(frozenset(item.name for item in plan.files)) if resume else frozenset()
     output.check_free_space(out, sum(item.size for item in plan.files if item.name not in kept))
 
-    def on_file(name: str, digest: str) -> None:
-        journal.record(name, digest)
-        output.drop_aside(out)
-
-    if overwrite and not resume and out.is_dir() and any(out.iterdir()):
-        output.set_aside(out)  # only files of ours, never the whole directory (output.claim made it)
-    with _undone_unless_a_shard_finished(out, journal):
+    # Files are written in the payload's order, small clear-text ones among them, and any file can show the raw
+    # is not the publisher's: an earlier output set aside by --overwrite is dropped only once every file is in.
+    replace_earlier = overwrite and not resume and out.is_dir() and any(out.iterdir())
+    with _undone_unless_a_shard_finished(out, journal, set_aside=replace_earlier, whole_run=True):
         journal.save()
         done = xor.apply_xor(
             plan,
             out,
             progress or (lambda nbytes: None),
             done={name: journal.shards[name] for name in kept},
-            on_file=on_file,
+            on_file=journal.record,
         )
         output.drop_aside(out)
     # A record of the run, as recover's other paths leave: inspect says how the model was made, and --overwrite
@@ -515,9 +512,8 @@ def _run(
 
     if on_plan is not None:
         on_plan(plan)
-    if overwrite and not resume and any(out.iterdir()):
-        output.set_aside(out)
-    with _undone_unless_a_shard_finished(out, journal):
+    replace_earlier = overwrite and not resume and any(out.iterdir())
+    with _undone_unless_a_shard_finished(out, journal, set_aside=replace_earlier):
         journal.save()
         if stream is not None:
             stream(done, on_shard)
@@ -570,20 +566,36 @@ def _run(
 
 
 @contextlib.contextmanager
-def _undone_unless_a_shard_finished(out: Path, journal: output.Journal) -> Iterator[None]:
-    """On any failure or interruption, remove what is half-written. An interruption or a full disk keeps the
-    journal, for --resume. A refusal (the wrong raw model, a damaged diff) before any shard finished (none is
-    journaled, none is on disk: a shard renamed into place a moment before its journal entry keeps the journal,
-    which marks the directory as ours) also removes the journal and puts back an earlier output --overwrite set
-    aside: the output is left as the run found it, and the same command can simply run again."""
+def _undone_unless_a_shard_finished(
+    out: Path, journal: output.Journal, *, set_aside: bool, whole_run: bool = False
+) -> Iterator[None]:
+    """Run a job's writes so that a run stopped before its first shard leaves the output as it found it.
+
+    ``set_aside``: --overwrite of an earlier output, first moved into a hidden folder (``output.set_aside``).
+    On any failure or interruption, what is half-written goes. When no shard finished (none journaled, none under
+    its name: a shard renamed a moment before its journal entry keeps the journal, which marks the directory as
+    ours), the journal goes too and the earlier output comes back: the same command simply runs again. A full
+    disk keeps the journal, for --resume. ``whole_run`` (XOR recoveries, whose every file can still refuse the
+    raw): a refusal at any point removes this run's files and brings the earlier output back.
+    """
+    moved = False
     try:
+        if set_aside:
+            output.set_aside(out)
+        moved = True
         yield
     except BaseException as exc:
         # The writers remove their own partial files, but a Ctrl-C can land between a file's creation and the
         # code that would clean it up; the lanes have stopped by now, so whatever is still partial goes.
         output.remove_partials(out)
-        left = {path.name for path in out.iterdir()} - {output.JOURNAL_NAME, output.ASIDE_NAME}
-        if not isinstance(exc, KeyboardInterrupt | DiskFullError) and not journal.shards and not left:
+        if isinstance(exc, DiskFullError):
+            raise
+        if whole_run and not isinstance(exc, KeyboardInterrupt):
+            for name in journal.shards:
+                (out / name).unlink(missing_ok=True)
+            journal.shards.clear()
+        new = {path.name for path in out.iterdir()} - {output.JOURNAL_NAME, output.ASIDE_NAME} if moved else set()
+        if not journal.shards and not new:
             journal.remove()
             output.put_back(out)
         raise

@@ -122,41 +122,53 @@ def ours_to_remove(out: Path) -> list[Path]:
 
     A directory is ours when it holds our journal, recovery record or manifest; then every entry must be a file
     its ``SHA256SUMS`` lists or one of the names we write. Anything else (a folder, a stray file) refuses the run:
-    --overwrite never removes what weight-diff did not write, nor a file of ours someone changed since.
+    --overwrite never removes what weight-diff did not write, nor a file of ours someone changed since. An
+    earlier output set aside (``set_aside``, perhaps half-moved by a killed run) is read as part of ``out``: its
+    files follow the same rules; it is not returned.
     """
-    if not any((out / marker).is_file() for marker in OUR_MARKERS):
+    aside = out / ASIDE_NAME
+    places = [out] + ([aside] if aside.is_dir() and not aside.is_symlink() else [])
+    if not any((place / marker).is_file() for place in places for marker in OUR_MARKERS):
         raise UsageError(
             f"{out}: not an output of weight-diff (no {RECOVERY_NAME}, {MANIFEST_NAME} or unfinished run there), so "
             "--overwrite will not empty it; choose a new directory or empty it yourself"
         )
     sums: dict[str, str] = {}
-    if (out / SUMS_NAME).is_file():
-        with contextlib.suppress(IntegrityError):
-            sums = read_sums(out / SUMS_NAME)
-    listed = set(sums)
-    with contextlib.suppress(UsageError):  # an interrupted run's finished files (an XOR recovery's: any names)
-        listed |= {name for name in Journal.read(out).shards if "/" not in name}
+    listed: set[str] = set()
+    for place in places:
+        if (place / SUMS_NAME).is_file():
+            with contextlib.suppress(IntegrityError):
+                sums.update(read_sums(place / SUMS_NAME))
+        with contextlib.suppress(UsageError):  # an interrupted run's finished files (an XOR recovery's: any names)
+            listed |= {name for name in Journal.read(place).shards if "/" not in name}
+    listed |= set(sums)
     ours = []
-    for path in sorted(out.iterdir()):
-        name = path.name
-        if name == ASIDE_NAME and path.is_dir() and not path.is_symlink():
-            ours_to_remove(path)  # an earlier output set aside by --overwrite (set_aside): it must be ours too
-            continue
-        known = name in listed or name in OUR_NAMES or OUR_SHARD.match(name.removesuffix(PARTIAL_SUFFIX))
-        if not known and name.endswith(PARTIAL_SUFFIX):
-            known = name.removesuffix(PARTIAL_SUFFIX) in listed | OUR_NAMES
-        if not known or path.is_symlink() or not path.is_file():
-            raise UsageError(
-                f"{out}: holds {name}, which weight-diff did not write, so --overwrite will not remove it; move it "
-                "away or choose a new directory"
-            )
-        if name in sums and path.stat().st_size <= EDITED_CHECK_BYTES and file_sha256(path) != sums[name]:
-            raise UsageError(
-                f"{out}: {name} was changed after weight-diff wrote it (it no longer matches {SUMS_NAME}), so "
-                "--overwrite will not remove it; move it away or choose a new directory"
-            )
-        ours.append(path)
+    for place in places:
+        for path in sorted(place.iterdir()):
+            if place == out and path == aside and len(places) == 2:
+                continue
+            _check_ours(place, path, listed, sums)
+            if place == out:
+                ours.append(path)
     return ours
+
+
+def _check_ours(place: Path, path: Path, listed: set[str], sums: dict[str, str]) -> None:
+    """Refuse a file weight-diff did not write, or one of ours changed since it was written."""
+    name = path.name
+    known = name in listed or name in OUR_NAMES or OUR_SHARD.match(name.removesuffix(PARTIAL_SUFFIX))
+    if not known and name.endswith(PARTIAL_SUFFIX):
+        known = name.removesuffix(PARTIAL_SUFFIX) in listed | OUR_NAMES
+    if not known or path.is_symlink() or not path.is_file():
+        raise UsageError(
+            f"{place}: holds {name}, which weight-diff did not write, so --overwrite will not remove it; move it "
+            "away or choose a new directory"
+        )
+    if name in sums and path.stat().st_size <= EDITED_CHECK_BYTES and file_sha256(path) != sums[name]:
+        raise UsageError(
+            f"{place}: {name} was changed after weight-diff wrote it (it no longer matches {SUMS_NAME}), so "
+            "--overwrite will not remove it; move it away or choose a new directory"
+        )
 
 
 def check_free_space(out: Path, needed: int) -> None:
@@ -177,22 +189,29 @@ def set_aside(out: Path) -> None:
 
     It is dropped once the new run finishes its first shard (``drop_aside``), and put back when the run stops
     before that (``put_back``): a run refused at its first tensor (the wrong raw model, a damaged diff) leaves the
-    earlier model as it was. An aside already there holds the last output that was whole (an --overwrite run
-    killed before its first shard left it): it stays, and what that run left goes.
+    earlier model as it was. An aside already there was left by an --overwrite run killed (kill -9, a power cut)
+    before its first shard: with that run's journal beside it, it holds the last output that was whole and stays
+    while what that run wrote goes; without one, the run was killed while moving it, and the rest joins it.
     """
     ours = ours_to_remove(out)
     aside = out / ASIDE_NAME
+    if aside.is_dir() and not any(aside.iterdir()):
+        aside.rmdir()  # killed before the first rename: nothing was moved
     if aside.is_dir():
+        killed_after_the_move = (out / JOURNAL_NAME).is_file()
         for path in ours:
-            path.unlink(missing_ok=True)
+            if killed_after_the_move:
+                path.unlink(missing_ok=True)
+            else:
+                os.replace(path, aside / path.name)
+        fsync_directory(out)
         return
     aside.mkdir()
-    config = out / CONFIG_NAME
-    if config.exists():  # first, so that the directory stops loading as a model at once
-        os.rename(config, aside / CONFIG_NAME)
-    for path in ours:
-        if path != config:
-            os.rename(path, aside / path.name)
+    # An earlier run's journal first (a journal beside an aside is then always the new run's), then config.json, so
+    # that the directory stops loading as a model at once.
+    first = [out / JOURNAL_NAME, out / CONFIG_NAME]
+    for path in [p for p in first if p in ours] + [p for p in ours if p not in first]:
+        os.rename(path, aside / path.name)
     fsync_directory(out)
 
 
