@@ -476,6 +476,9 @@ def test_overwrite_stopped_while_setting_the_earlier_output_aside_puts_it_back(
         output.set_aside(out)
     monkeypatch.setattr(output.os, "rename", real_rename)
     assert (out / output.ASIDE_NAME).is_dir() and not (out / "config.json").exists()
+    for command in ("verify", "inspect"):  # what is left is not a whole model: they say what to do
+        said = run(command, out)
+        assert said.exit_code == 2 and "after --overwrite, the same command again" in said.output, said.output
     other_raw, _ = build_pair(seed=7)
     refused = recover_cli(other_raw, made_diff, out, "--overwrite")
     assert refused.exit_code == 1 and "No model was written" in refused.output, refused.output
