@@ -128,9 +128,10 @@ def recover(
             raw_dir = hub.input_dir(path_raw, transfer)
             diff_dir = hub.input_dir(path_diff, transfer, every_file=True)
             manifest = Manifest.load(diff_dir)
-            _check_promised(diff_dir, expected_file_sums(diff_dir, manifest))
+            promised = expected_file_sums(diff_dir, manifest)
+            _check_promised(diff_dir, promised)
             report = _recover_compact(
-                raw_dir, diff_dir, out, manifest, dtype=dtype, max_shard_size=max_shard_size,
+                raw_dir, diff_dir, out, manifest, promised, dtype=dtype, max_shard_size=max_shard_size,
                 overwrite=overwrite, resume=resume, chat_template=chat_template, progress=progress, on_plan=on_plan,
                 verify_md5=verify_md5, ignore_checks=ignore_checks, on_finding=on_finding,
             )  # fmt: skip
@@ -246,8 +247,7 @@ def _recover_xor(
 
     # Files are written in the payload's order, small clear-text ones among them, and any file can show the raw
     # is not the publisher's: an earlier output set aside by --overwrite is dropped only once every file is in.
-    replace_earlier = overwrite and not resume and out.is_dir() and any(out.iterdir())
-    with _undone_unless_a_shard_finished(out, journal, set_aside=replace_earlier, whole_run=True):
+    with _undone_unless_a_shard_finished(out, journal, overwrite=overwrite and not resume, whole_run=True):
         journal.save()
         done = xor.apply_xor(
             plan,
@@ -512,8 +512,7 @@ def _run(
 
     if on_plan is not None:
         on_plan(plan)
-    replace_earlier = overwrite and not resume and any(out.iterdir())
-    with _undone_unless_a_shard_finished(out, journal, set_aside=replace_earlier):
+    with _undone_unless_a_shard_finished(out, journal, overwrite=overwrite and not resume):
         journal.save()
         if stream is not None:
             stream(done, on_shard)
@@ -567,11 +566,11 @@ def _run(
 
 @contextlib.contextmanager
 def _undone_unless_a_shard_finished(
-    out: Path, journal: output.Journal, *, set_aside: bool, whole_run: bool = False
+    out: Path, journal: output.Journal, *, overwrite: bool, whole_run: bool = False
 ) -> Iterator[None]:
     """Run a job's writes so that a run stopped before its first shard leaves the output as it found it.
 
-    ``set_aside``: --overwrite of an earlier output, first moved into a hidden folder (``output.set_aside``).
+    ``overwrite``: an earlier output in ``out`` is first moved into a hidden folder (``output.set_aside``).
     On any failure or interruption, what is half-written goes. When no shard finished (none journaled, none under
     its name: a shard renamed a moment before its journal entry keeps the journal, which marks the directory as
     ours), the journal goes too and the earlier output comes back: the same command simply runs again. A full
@@ -580,7 +579,7 @@ def _undone_unless_a_shard_finished(
     """
     moved = False
     try:
-        if set_aside:
+        if overwrite and any(out.iterdir()):
             output.set_aside(out)
         moved = True
         yield
@@ -828,10 +827,11 @@ def _make_compact(
 
 
 def _recover_compact(
-    raw_dir: Path, diff_dir: Path, out: Path, manifest: Manifest | None, *, dtype, max_shard_size, overwrite, resume,
-    chat_template, progress, on_plan, verify_md5, ignore_checks, on_finding,
+    raw_dir: Path, diff_dir: Path, out: Path, manifest: Manifest | None, promised: dict[str, str], *, dtype,
+    max_shard_size, overwrite, resume, chat_template, progress, on_plan, verify_md5, ignore_checks, on_finding,
 ) -> RunReport:  # fmt: skip
-    """Recover the tuned model bit for bit from a compact diff, each tensor checked against its manifest."""
+    """Recover the tuned model bit for bit from a compact diff, each tensor checked against its manifest
+    (``promised``: the SHA-256 the diff's checksums give its files, to name a file of another diff)."""
     with Checkpoint.open(raw_dir, hidden_size=meta.size_hint(diff_dir), verify_md5=verify_md5) as raw:
         if classify(raw)[0] == "diff":
             raise UsageError(f"{raw_dir}: looks like a weight diff, not a raw model; --path_raw takes the base model")
@@ -845,7 +845,6 @@ def _recover_compact(
         )
         if manifest is not None:
             _check_compact_covers(manifest, plan)
-        promised = expected_file_sums(diff_dir, manifest)
 
         nonfinite: list[str] = []
 
