@@ -156,7 +156,7 @@ def plan_recover(
             base = None
             if entry.raw_dtype is not None:
                 base = raw.get(entry.name)
-                expected = (entry.raw_rows, *entry.shape[1:]) if entry.shape else ()
+                expected = entry.raw_shape
                 if base is None:
                     raise PlanError(f"the diff codes {entry.name} against the raw model, which lacks it: give the "
                                     "raw model the diff was made from")  # fmt: skip
@@ -179,10 +179,9 @@ def _check_entry(entry: CompactTensor, manifest: Manifest) -> None:
             f"{entry.file}: holds tensor {entry.name}, which the diff's manifest does not list: a file of another "
             "diff, or damaged; download it again"
         )
-    raw_shape = [entry.raw_rows, *entry.shape[1:]] if entry.shape else []
-    coded = (dtype_name(entry.dtype), list(entry.shape), entry.raw_dtype and (dtype_name(entry.raw_dtype), raw_shape))
-    raw = record.raw and (record.raw.dtype, record.raw.shape)
-    if coded != (record.result.dtype, record.result.shape, raw):
+    raw = entry.raw_dtype and (dtype_name(entry.raw_dtype), list(entry.raw_shape))
+    coded = (dtype_name(entry.dtype), list(entry.shape), raw)
+    if coded != (record.result.dtype, record.result.shape, record.raw and (record.raw.dtype, record.raw.shape)):
         raise IntegrityError(
             f"{entry.file}: its index and the diff's manifest disagree about tensor {entry.name} (its dtype, shape "
             "or raw counterpart): a file of another diff, or damaged; download it again"

@@ -91,6 +91,11 @@ class CompactTensor:
     def row_numel(self) -> int:
         return shape_row_numel(self.shape)
 
+    @property
+    def raw_shape(self) -> tuple[int, ...]:
+        """The shape of the raw tensor its first ``raw_rows`` rows were coded against."""
+        return (self.raw_rows, *self.shape[1:]) if self.shape else ()
+
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
