@@ -24,7 +24,7 @@ from .families import FAMILIES, detect, evidence_of
 from .files import CHAT_TEMPLATE_FILE, CONFIG_NAME
 from .files import read_json_object as _read_json
 from .manifest import RECOVERY_NAME, SUMS_NAME, Digest, Manifest, dtype_name, read_sums
-from .output import ASIDE_NAME, JOURNAL_NAME
+from .output import refuse_unfinished
 from .plan import LLAMA_SIZES, VOCAB_SUFFIXES, describe_size
 from .role import classify
 from .sizes import format_size
@@ -121,11 +121,7 @@ def inspect_path(
     Meta's ``checklist.chk``). ``listed``: every file (name -> size) of a hub repository, of which only some
     were downloaded (an XOR payload's files are not)."""
     directory = given_path(path, "inspect")
-    if (directory / JOURNAL_NAME).is_file() or (directory / ASIDE_NAME).is_dir():  # what is there is not whole
-        raise UsageError(
-            f"{directory}: an unfinished weight-diff run (interrupted); finish it with the same command and "
-            "--resume (or, after --overwrite, the same command again), then inspect"
-        )
+    refuse_unfinished(directory, then="inspect")
     found = detect_files(directory, listed) if directory.is_dir() else None
     if found:
         return _xor_payload(directory, *found, listed)

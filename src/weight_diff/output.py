@@ -342,6 +342,15 @@ class Journal:
         fsync_directory(self.path.parent)
 
 
+def refuse_unfinished(directory: Path, then: str) -> None:
+    """Refuse to describe or check a directory an interrupted run of ours left: what is there is not whole."""
+    if (directory / JOURNAL_NAME).is_file() or (directory / ASIDE_NAME).is_dir():
+        raise UsageError(
+            f"{directory}: an unfinished weight-diff run (interrupted); finish it with the same command and "
+            f"--resume (or, after --overwrite, the same command again), then {then}"
+        )
+
+
 def make_output_dir(out: Path) -> None:
     if out.is_symlink() and not out.exists():
         raise WeightDiffError(f"{out}: a link to {os.readlink(out)}, which does not exist; give a directory")

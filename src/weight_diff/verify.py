@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .container import compact_files
 from .errors import IntegrityError, UsageError
 from .manifest import MANIFEST_NAME, SUMS_NAME, Manifest, dtype_name, file_sha256, read_sums, tensor_bytes
-from .output import ASIDE_NAME, JOURNAL_NAME
+from .output import refuse_unfinished
 from .untrusted import confined_name, given_path, resolves_inside
 
 BLOCK_BYTES = 64 * 2**20
@@ -59,11 +59,7 @@ def verify(path: str | Path, *, diff: str | Path | None = None) -> VerifyReport:
         raise UsageError(f"{directory}: no such directory")
     if not directory.is_dir():
         raise UsageError(f"{directory}: not a directory; give the model's or the diff's directory")
-    if (directory / JOURNAL_NAME).is_file() or (directory / ASIDE_NAME).is_dir():
-        raise UsageError(
-            f"{directory}: an unfinished weight-diff run (interrupted); finish it with the same command and "
-            "--resume (or, after --overwrite, the same command again), then verify"
-        )
+    refuse_unfinished(directory, then="verify")
     is_diff = (directory / MANIFEST_NAME).is_file() or bool(compact_files(directory))
     if diff_dir is not None:
         _check_diff_dir(directory, diff_dir, is_diff)
