@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from weight_diff import writer as writer_module
-from weight_diff.checkpoint import TensorInfo
+from weight_diff.checkpoint import TensorInfo, aligned_bytes
 from weight_diff.errors import DiskFullError
 from weight_diff.manifest import tensor_bytes
 from weight_diff.plan import ShardPlan, TensorJob
@@ -39,7 +39,8 @@ def test_a_streamed_shard_reads_back_with_the_safetensors_library_at_mode_0644(t
         for name, tensor in tensors.items():
             assert torch.equal(file.get_tensor(name), tensor)
         assert file.metadata() == {"format": "pt"}
-    assert int.from_bytes(path.read_bytes()[:8], "little") % 8 == 0
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header_length % 8 == 0 and (8 + header_length) % 4096 == 0  # tensors start on a page
 
 
 def test_a_short_shard_is_never_renamed_into_place(tmp_path):
@@ -84,6 +85,36 @@ def test_direct_and_buffered_writes_give_the_same_file_of_any_length(tmp_path):
         files[direct] = (directory / "model.safetensors").read_bytes()
     assert files[True] == files[False]
     assert len(files[True]) == writer.expected
+
+
+def test_page_aligned_blocks_go_to_disk_from_their_own_memory_and_give_the_same_file(tmp_path, monkeypatch):
+    # Whole pages of a page-aligned block are written as they are (no copy through the staging buffer); an odd
+    # tail, and a block that does not start on a page, go through staging. The file is the buffered one.
+    first = aligned_bytes(3 * 4096 + 100)
+    first.copy_(torch.randint(0, 256, first.shape, dtype=torch.uint8))
+    second = aligned_bytes(2 * 4096)
+    second.copy_(torch.randint(0, 256, second.shape, dtype=torch.uint8))
+    blocks = [first, second[:4096], second[4096:], second]  # after the odd tail: staged, though on pages
+    tensors = {"a": torch.empty(sum(len(block) for block in blocks), dtype=torch.uint8)}
+    real_write, sent = os.write, []
+    monkeypatch.setattr(
+        writer_module.os, "write", lambda fd, data: sent.append(memoryview(data)) or real_write(fd, data)
+    )
+    files = {}
+    for direct in (True, False):
+        directory = tmp_path / str(direct)
+        directory.mkdir()
+        writer = ShardWriter(directory, shard(tensors, out_dtype=None), direct=direct)
+        for block in blocks:
+            writer.write(tensor_bytes(block))
+        writer.finish()
+        files[direct] = (directory / "model.safetensors").read_bytes()
+        if direct:
+            assert writer.direct
+            own = [view for view in sent if writer_module._address(view) == first.data_ptr()]
+            assert [len(view) for view in own] == [3 * 4096]
+    assert files[True] == files[False]
+    assert files[True][4096:] == b"".join(bytes(tensor_bytes(block)) for block in blocks)
 
 
 def test_a_file_system_without_o_direct_falls_back_to_buffered_writes(tmp_path, monkeypatch):

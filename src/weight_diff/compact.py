@@ -488,16 +488,12 @@ class CompactStream:
     @contextlib.contextmanager
     def _lanes(self, workers: int) -> Iterator[_Lanes]:
         lanes = _Lanes(
-            read=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-read"),
-            raw=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-read-raw"),
-            # One torch thread per codec thread: the two already fill the cores, and torch's own OpenMP threads on
-            # top made casts 3-10x slower here (measured). OpenMP's thread count is per calling thread.
-            codec=ThreadPoolExecutor(
-                workers, thread_name_prefix="weight-diff-codec", initializer=torch.set_num_threads, initargs=(1,)
-            ),
-            hash=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-hash"),
-            tensor_hash=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-tensor-hash"),
-            write=ThreadPoolExecutor(1, thread_name_prefix="weight-diff-write"),
+            read=_lane("read"),
+            raw=_lane("read-raw"),
+            codec=_lane("codec", workers),
+            hash=_lane("hash"),
+            tensor_hash=_lane("tensor-hash"),
+            write=_lane("write"),
         )
         try:
             yield lanes
@@ -548,6 +544,15 @@ class _Lanes:
     hash: ThreadPoolExecutor  # the output file, for SHA256SUMS
     tensor_hash: ThreadPoolExecutor  # each tensor, for the manifest
     write: ThreadPoolExecutor
+
+
+def _lane(name: str, workers: int = 1) -> ThreadPoolExecutor:
+    """Return a lane whose threads run torch on one thread each: the lanes already fill the cores, and torch's own
+    OpenMP threads on top made casts 3-10x slower here, their workers spinning between calls (2.4 s of a float32
+    tune's 13 s recovery, the raw lane's cast; measured). OpenMP's thread count is per calling thread."""
+    return ThreadPoolExecutor(
+        workers, thread_name_prefix=f"weight-diff-{name}", initializer=torch.set_num_threads, initargs=(1,)
+    )
 
 
 def _after(raw: Future, rows: Future, work: Callable, block: _Block, buffers: _Buffers):

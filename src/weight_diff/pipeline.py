@@ -107,9 +107,10 @@ class _BufferSet:
         return cls(
             raw=aligned_bytes(elements * 8 + 2 * DIRECT_ALIGN),
             other=aligned_bytes(elements * 8 + 2 * DIRECT_ALIGN),
-            work=torch.empty(elements, dtype=torch.float32),
-            result=torch.empty(elements, dtype=torch.float32),
-            cast=torch.empty(elements * 8, dtype=torch.uint8),
+            # Written blocks start on a page: O_DIRECT writes them without a copy (writer.py).
+            work=aligned_bytes(elements * 4).view(torch.float32),
+            result=aligned_bytes(elements * 4).view(torch.float32),
+            cast=aligned_bytes(elements * 8),
         )
 
     def wait(self) -> None:
