@@ -631,3 +631,35 @@ def test_a_small_compact_file_that_its_checksums_do_not_promise_is_refused_once_
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"{last.name} on the hub differs from the diff's SHA256SUMS" in result.output, result.output
     assert hub.repos[COMPACT].files[last.name].git_sha1 not in blobs(tmp_path, COMPACT)  # the bad copy is gone
+
+
+def test_a_compact_file_in_the_repository_that_the_manifest_does_not_name_is_left_there(
+    hub, pair, compact_diff, copy_dir, tmp_path
+):
+    # A leftover of an earlier upload (here: a copy of one of the diff's files, so its tensors are in two files)
+    # cannot be removed by the user: it is neither read nor downloaded, and the run says so.
+    published = copy_dir(compact_diff)
+    first = min(published.glob("*.wdc"))
+    (published / "old-upload.wdc").write_bytes(first.read_bytes())
+    hub.publish(COMPACT, published)
+    out = tmp_path / "out"
+    result = run("recover", "--path_raw", RAW, "--path_diff", COMPACT, "--path_tuned", out)
+    assert result.exit_code == 0, result.output
+    assert "verified: 21 tensors match the publisher's manifest" in result.output
+    assert "not downloaded (in the repository, but no part of the diff" in result.output
+    assert "old-upload.wdc" in result.output
+    assert_bit_identical(out, pair[1])
+    assert not [path for method, path, _ in hub.requests if method == "GET" and path.endswith("old-upload.wdc")]
+
+
+def test_inspect_no_hash_of_a_compact_diff_on_the_hub_reads_only_its_indexes(hub, compact_diff, tmp_path):
+    hub.publish(COMPACT, compact_diff)
+    result = run("inspect", COMPACT, "--no-hash")
+    assert result.exit_code == 0, result.output
+    local = run("inspect", compact_diff, "--no-hash")
+    described = [[x for x in lines[lines.index(next(x for x in lines if x.startswith("  kind:"))) :] if x.strip()]
+                 for lines in (result.output.splitlines(), local.output.splitlines())]  # fmt: skip
+    assert described[0] == described[1] and "5 shards" in result.output  # the same answer as from the files
+    wdc = {f.sha256 for f in hub.repos[COMPACT].files.values() if f.path.endswith(".wdc")}
+    assert not wdc & set(blobs(tmp_path, COMPACT))  # no .wdc file was downloaded
+    assert all(hub.range_requests(name) for name in (f.name for f in compact_diff.glob("*.wdc")))

@@ -523,6 +523,11 @@ def _warnings(report, *, source: str) -> None:
     if report.left_behind:
         shown = ", ".join(report.left_behind[:5]) + (", ..." if len(report.left_behind) > 5 else "")
         click.echo(f"note: not copied (not part of a Hugging Face model directory): {shown}")
+    if report.ignored:
+        click.echo(
+            f"note: not downloaded (in the repository, but no part of the diff: its manifest does not name them): "
+            f"{', '.join(report.ignored)}"
+        )
 
 
 def _summary(verb: str, report) -> str:
@@ -592,15 +597,20 @@ def inspect(path, as_json, no_hash):
     """Say what PATH is: a model or a weight diff, its size, dtypes and shards, and whether its checksums match."""
     import json
 
+    from .checkpoint import COMPACT_SUFFIX
     from .inspect_dir import inspect_path
+    from .sources.compact_files import remote_indexes
     from .sources.hub import top_level_files
     from .xor import detect_files
 
     directory = _input_dir(path, quiet=as_json, weights=False)  # a hub repository: its small files first
     listed = top_level_files(path)
-    if listed is not None and detect_files(directory, listed) is None:
+    compact = None
+    if listed is not None and no_hash and any(name.endswith(COMPACT_SUFFIX) for name in listed):
+        compact = remote_indexes(path)  # nothing to hash: each .wdc file's index, read by ranged requests
+    elif listed is not None and detect_files(directory, listed) is None:
         directory = _input_dir(path, quiet=as_json)  # then its weights, unless it is an XOR payload
-    found = inspect_path(directory, check_sums=not no_hash, listed=listed)
+    found = inspect_path(directory, check_sums=not no_hash, listed=listed, compact=compact)
     if as_json:
         click.echo(json.dumps(found.to_dict(), indent=2))
     else:

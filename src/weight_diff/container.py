@@ -309,12 +309,18 @@ def compact_files(directory: Path) -> list[Path]:
     return sorted(path for path in directory.glob("*" + SUFFIX) if path.is_file())
 
 
-def compact_tensor_table(directory: Path) -> tuple[dict[str, TensorInfo], list[Path]]:
-    """Return a compact diff's tensors as the tuned model has them (dtype, shape, file), and its files."""
+def compact_tensor_table(
+    directory: Path, indexes: list[tuple[Path, dict[str, CompactTensor]]] | None = None
+) -> tuple[dict[str, TensorInfo], list[Path]]:
+    """Return a compact diff's tensors as the tuned model has them (dtype, shape, file), and its files
+    (``indexes``: each file's index, read already: a hub repository's, by ranged requests)."""
+    if indexes is None:
+        indexes = []
+        for path in compact_files(directory):
+            with ContainerReader(path) as reader:
+                indexes.append((path, reader.tensors))
     tensors = {}
-    files = compact_files(directory)
-    for path in files:
-        with ContainerReader(path) as reader:
-            for name, entry in reader.tensors.items():
-                tensors[name] = TensorInfo(name, entry.dtype, entry.shape, path, offset=None)
-    return tensors, files
+    for path, index in indexes:
+        for name, entry in index.items():
+            tensors[name] = TensorInfo(name, entry.dtype, entry.shape, path, offset=None)
+    return tensors, [path for path, _ in indexes]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import Checkpoint, TensorInfo
-from .container import compact_files, compact_tensor_table
+from .container import CompactTensor, compact_files, compact_tensor_table
 from .errors import IntegrityError, UsageError
 from .families import FAMILIES, detect, evidence_of
 from .files import CHAT_TEMPLATE_FILE, CONFIG_NAME
@@ -115,22 +115,26 @@ class Inspection:
 
 
 def inspect_path(
-    path: str | os.PathLike, *, check_sums: bool = True, listed: dict[str, int] | None = None
+    path: str | os.PathLike,
+    *,
+    check_sums: bool = True,
+    listed: dict[str, int] | None = None,
+    compact: list[tuple[Path, dict[str, CompactTensor]]] | None = None,
 ) -> Inspection:
     """Return what the directory holds; ``check_sums=False`` skips hashing the files against ``SHA256SUMS`` (or
     Meta's ``checklist.chk``). ``listed``: every file (name -> size) of a hub repository, of which only some
-    were downloaded (an XOR payload's files are not)."""
+    were downloaded (an XOR payload's files are not, nor, given their indexes in ``compact``, a compact diff's)."""
     directory = given_path(path, "inspect")
     refuse_unfinished(directory, then="inspect")
     found = detect_files(directory, listed) if directory.is_dir() else None
     if found:
         return _xor_payload(directory, *found, listed)
     manifest = Manifest.load(directory)
-    if compact_files(directory):
+    if compact is not None or compact_files(directory):
         config = _read_json(directory / CONFIG_NAME)
         kind, evidence, layout = "diff", "compact weight diff (.wdc files)", "weight-diff compact"
         family = "weight-diff compact (bit-exact: tuned bits XOR raw cast to the tuned dtype)"
-        tensors, weight_files = compact_tensor_table(directory)
+        tensors, weight_files = compact_tensor_table(directory, compact)
         size = describe_size(tensors)
         sums = _check_sums(directory, weight_files, hash_files=check_sums)
     else:
@@ -163,7 +167,7 @@ def inspect_path(
         vocab_size=embed.shape[0] if embed is not None else config.get("vocab_size"),
         layout=layout,
         shards=len(weight_files),
-        total_bytes=sum(file.stat().st_size for file in weight_files),
+        total_bytes=sum(listed[file.name] if compact is not None else file.stat().st_size for file in weight_files),
         chat_template=_has_chat_template(directory),
         base=_expected_base(manifest) if manifest is not None else None,
         made_by=manifest.tool if manifest is not None else None,

@@ -68,6 +68,7 @@ class RunReport:
     nonfinite: tuple[str, ...] = ()  # tensors written with NaN or Inf values (this run's shards)
     all_zero: bool = False  # every value written was 0: tuned equals raw (make-diff)
     left_behind: tuple[str, ...] = ()  # input files not copied: not part of a Hugging Face model directory
+    ignored: tuple[str, ...] = ()  # .wdc files in the diff's hub repository that its manifest does not name
 
 
 def recover(
@@ -130,15 +131,16 @@ def recover(
             manifest = Manifest.load(diff_dir)
             promised = expected_file_sums(diff_dir, manifest)
             _check_promised(diff_dir, promised)
+            named = manifest.rules.get("files") if manifest is not None else None
             with compact_files.open_compact_files(
-                path_diff, diff_dir, promised, keep_download=keep_download, transfer=transfer
+                path_diff, diff_dir, promised, named=named, keep_download=keep_download, transfer=transfer
             ) as wdc:
                 report = _recover_compact(
                     raw_dir, diff_dir, out, manifest, promised, wdc, dtype=dtype, max_shard_size=max_shard_size,
                     overwrite=overwrite, resume=resume, chat_template=chat_template, progress=progress,
                     on_plan=on_plan, verify_md5=verify_md5, ignore_checks=ignore_checks, on_finding=on_finding,
                 )  # fmt: skip
-            return replace(report, downloads_checked=from_hub)
+            return replace(report, downloads_checked=from_hub, ignored=tuple(wdc.ignored))
         raw_dir = hub.input_dir(path_raw, transfer)
         with (
             Checkpoint.open(raw_dir, hidden_size=meta.size_hint(diff_dir), verify_md5=verify_md5) as raw,

@@ -30,9 +30,11 @@ Indexes = list[tuple[Path, dict[str, CompactTensor]]]
 
 
 class LocalFiles:
-    """The ``.wdc`` files of a diff directory: all here already."""
+    """The ``.wdc`` files of a diff directory: all here already (a file its manifest does not name is refused when
+    it holds a tensor another file holds: the user can remove it)."""
 
     origin: str | None = None
+    ignored: list[str] = []
 
     def __init__(self, directory: Path) -> None:
         self.indexes: Indexes = []
@@ -63,12 +65,22 @@ class HubFiles:
     them; a download's failure is raised to the reader waiting for that file."""
 
     def __init__(
-        self, snapshot: Snapshot, promised: dict[str, str], *, keep_download: bool, transfer: Transfer | None
+        self,
+        snapshot: Snapshot,
+        promised: dict[str, str],
+        *,
+        named: list[str] | None,
+        keep_download: bool,
+        transfer: Transfer | None,
     ) -> None:
         self.snapshot, self._promised, self._keep = snapshot, promised, keep_download
         self._transfer = transfer or hub.NoTransfer()
         self.origin = snapshot.origin
         remote = sorted(name for name in snapshot.files if "/" not in name and name.endswith(SUFFIX))
+        # A file the diff's manifest does not name is no part of it (a leftover of an earlier upload, a copy): its
+        # user cannot remove it from the repository, so it is left there, neither read nor downloaded.
+        self.ignored = [name for name in remote if named is not None and name not in named]
+        remote = [name for name in remote if name not in self.ignored]
         self.names = set(remote)
         self._files: dict[Path, RemoteFile] = {snapshot.local(snapshot.files[n]): snapshot.files[n] for n in remote}
         for file in self._files.values():  # before anything downloads: the hub lists LFS files' SHA-256
@@ -163,20 +175,29 @@ class HubFiles:
             self._downloads.failed(exc)
 
 
+def remote_indexes(diff: str | os.PathLike) -> Indexes:
+    """Return the index of each ``.wdc`` file of a compact diff on the hub, read by ranged requests (from the cache
+    where a file is there already): what it holds, without downloading it."""
+    files = HubFiles(hub.resolve(hub_spec_for(diff)), {}, named=None, keep_download=True, transfer=None)
+    files.close()
+    return files.indexes
+
+
 @contextlib.contextmanager
 def open_compact_files(
     diff: str | os.PathLike,
     directory: Path,
     promised: dict[str, str],
     *,
+    named: list[str] | None = None,
     keep_download: bool = True,
     transfer: Transfer | None = None,
 ) -> Iterator[LocalFiles | HubFiles]:
     """Yield the compact files of ``diff``: a local directory's, or a hub repository's (``directory`` holds its
-    small files, fetched already)."""
+    small files, fetched already; ``named``: the files the diff's manifest names, None where it names none)."""
     spec = hub_spec_for(diff)
     files = LocalFiles(directory) if spec is None else HubFiles(
-        hub.resolve(spec), promised, keep_download=keep_download, transfer=transfer
+        hub.resolve(spec), promised, named=named, keep_download=keep_download, transfer=transfer
     )  # fmt: skip
     try:
         yield files
