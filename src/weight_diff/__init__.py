@@ -1,3 +1,3 @@
 """weight-diff: publish a fine-tune as tuned - raw, recover it as raw + diff, streaming and checked."""
 
-__version__ = "0.4.3"
+__version__ = "0.4.4"
