@@ -649,6 +649,8 @@ def test_a_compact_file_in_the_repository_that_the_manifest_does_not_name_is_lef
     assert "not downloaded (in the repository, but no part of the diff" in result.output
     assert "old-upload.wdc" in result.output
     assert_bit_identical(out, pair[1])
+    described = run("inspect", COMPACT, "--no-hash")  # what the diff holds, from its indexes: five files, not six
+    assert described.exit_code == 0 and "weight-diff compact, 5 shards" in described.output, described.output
     assert not [path for method, path, _ in hub.requests if method == "GET" and path.endswith("old-upload.wdc")]
 
 

@@ -599,6 +599,7 @@ def inspect(path, as_json, no_hash):
 
     from .checkpoint import COMPACT_SUFFIX
     from .inspect_dir import inspect_path
+    from .manifest import Manifest
     from .sources.compact_files import remote_indexes
     from .sources.hub import top_level_files
     from .xor import detect_files
@@ -607,7 +608,8 @@ def inspect(path, as_json, no_hash):
     listed = top_level_files(path)
     compact = None
     if listed is not None and no_hash and any(name.endswith(COMPACT_SUFFIX) for name in listed):
-        compact = remote_indexes(path)  # nothing to hash: each .wdc file's index, read by ranged requests
+        manifest = Manifest.load(directory)  # nothing to hash: each .wdc file's index, read by ranged requests
+        compact = remote_indexes(path, manifest.rules.get("files") if manifest is not None else None)
     elif listed is not None and detect_files(directory, listed) is None:
         directory = _input_dir(path, quiet=as_json)  # then its weights, unless it is an XOR payload
     found = inspect_path(directory, check_sums=not no_hash, listed=listed, compact=compact)

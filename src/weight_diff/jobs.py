@@ -140,7 +140,7 @@ def recover(
                     overwrite=overwrite, resume=resume, chat_template=chat_template, progress=progress,
                     on_plan=on_plan, verify_md5=verify_md5, ignore_checks=ignore_checks, on_finding=on_finding,
                 )  # fmt: skip
-            return replace(report, downloads_checked=from_hub, ignored=tuple(wdc.ignored))
+            return replace(report, downloads_checked=from_hub, ignored=wdc.ignored)
         raw_dir = hub.input_dir(path_raw, transfer)
         with (
             Checkpoint.open(raw_dir, hidden_size=meta.size_hint(diff_dir), verify_md5=verify_md5) as raw,

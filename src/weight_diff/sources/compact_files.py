@@ -34,7 +34,7 @@ class LocalFiles:
     it holds a tensor another file holds: the user can remove it)."""
 
     origin: str | None = None
-    ignored: list[str] = []
+    ignored: tuple[str, ...] = ()
 
     def __init__(self, directory: Path) -> None:
         self.indexes: Indexes = []
@@ -79,7 +79,7 @@ class HubFiles:
         remote = sorted(name for name in snapshot.files if "/" not in name and name.endswith(SUFFIX))
         # A file the diff's manifest does not name is no part of it (a leftover of an earlier upload, a copy): its
         # user cannot remove it from the repository, so it is left there, neither read nor downloaded.
-        self.ignored = [name for name in remote if named is not None and name not in named]
+        self.ignored = tuple(name for name in remote if named is not None and name not in named)
         remote = [name for name in remote if name not in self.ignored]
         self.names = set(remote)
         self._files: dict[Path, RemoteFile] = {snapshot.local(snapshot.files[n]): snapshot.files[n] for n in remote}
@@ -175,10 +175,11 @@ class HubFiles:
             self._downloads.failed(exc)
 
 
-def remote_indexes(diff: str | os.PathLike) -> Indexes:
-    """Return the index of each ``.wdc`` file of a compact diff on the hub, read by ranged requests (from the cache
-    where a file is there already): what it holds, without downloading it."""
-    files = HubFiles(hub.resolve(hub_spec_for(diff)), {}, named=None, keep_download=True, transfer=None)
+def remote_indexes(diff: str | os.PathLike, named: list[str] | None) -> Indexes:
+    """Return the index of each ``.wdc`` file of a compact diff on the hub (those its manifest names, where it
+    names them), read by ranged requests (from the cache where a file is there already): what it holds, without
+    downloading it."""
+    files = HubFiles(hub.resolve(hub_spec_for(diff)), {}, named=named, keep_download=True, transfer=None)
     files.close()
     return files.indexes
 
