@@ -117,6 +117,36 @@ def test_page_aligned_blocks_go_to_disk_from_their_own_memory_and_give_the_same_
     assert files[True][4096:] == b"".join(bytes(tensor_bytes(block)) for block in blocks)
 
 
+@pytest.mark.parametrize("staging", [writer_module.STAGING_BYTES, 3 * 4096], ids=["pages_as_they_are", "staged"])
+def test_o_direct_refused_at_a_write_keeps_every_later_byte_in_order(tmp_path, monkeypatch, staging):
+    # A file system may accept O_DIRECT at open and refuse a write (EINVAL). Bytes left over from the write that
+    # was refused, and every later write, must follow in order: they once went to the staging buffer and came
+    # after the later writes (a wrong model, reported as verified).
+    import fcntl
+
+    monkeypatch.setattr(writer_module, "STAGING_BYTES", staging)
+    real_write, refused = os.write, []
+
+    def refuse_first_direct(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT and not refused:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer_module.os, "write", refuse_first_direct)
+    pieces = [bytes(range(256)) * 16, aligned_bytes(2 * 4096 + 100), aligned_bytes(5000), bytes(range(7)) * 999]
+    for value, piece in enumerate(pieces[1:3], start=1):
+        piece.fill_(value)
+    file = writer_module.StagedFile(tmp_path / "f")
+    assert file.direct
+    for piece in pieces:
+        file.write(piece if isinstance(piece, bytes) else tensor_bytes(piece))
+    file.finish()
+    assert refused and not file.direct
+    expected = b"".join(piece if isinstance(piece, bytes) else bytes(tensor_bytes(piece)) for piece in pieces)
+    assert (tmp_path / "f").read_bytes() == expected
+
+
 def test_a_file_system_without_o_direct_falls_back_to_buffered_writes(tmp_path, monkeypatch):
     real_open = os.open
 

@@ -118,7 +118,7 @@ class StagedFile:
             pages = len(view) - len(view) % DIRECT_ALIGN
             self._flush_staging(view[:pages])
             view = view[pages:]
-        while view:
+        while view and self.direct:
             take = min(len(view), STAGING_BYTES - self._staged)
             self._staging[self._staged : self._staged + take] = view[:take]
             self._staged += take
@@ -126,6 +126,8 @@ class StagedFile:
             if self._staged == STAGING_BYTES:
                 self._flush_staging(memoryview(self._staging))
                 self._staged = 0
+        if view:  # O_DIRECT was refused by a flush above: what is left follows, buffered, in order
+            self._write_all(view)
 
     def _flush_staging(self, view: memoryview) -> None:
         """Write staged, aligned bytes; a file system that accepted O_DIRECT at open but refuses the write
