@@ -89,16 +89,16 @@ def interrupt_after(nbytes: int) -> Callable[[int], None]:
     return progress
 
 
-def fill_disk_after(monkeypatch, nbytes: int, *, files: str = "") -> Callable[[], None]:
-    """Make every ``os.write`` fail with ENOSPC once ``nbytes`` more have been written (only to open files whose
-    name ends with ``files``, when given); return the function that frees the space again."""
+def fill_disk_after(monkeypatch, nbytes: int, *, files: str = "", error: int = errno.ENOSPC) -> Callable[[], None]:
+    """Make every ``os.write`` fail with ENOSPC (or ``error``) once ``nbytes`` more have been written (only to open
+    files whose name ends with ``files``, when given); return the function that frees the space again."""
     real_write = os.write
     left = {"bytes": nbytes}
 
     def filling_write(fd, data):
         if os.readlink(f"/proc/self/fd/{fd}").endswith(files):
             if left["bytes"] <= 0:
-                raise OSError(errno.ENOSPC, "No space left on device")
+                raise OSError(error, os.strerror(error))
             left["bytes"] -= len(data)
         return real_write(fd, data)
 

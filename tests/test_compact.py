@@ -76,6 +76,22 @@ def test_recover_gives_the_tuned_model_bit_for_bit_in_its_own_dtype(compact_pair
     assert config.get("dtype", config.get("torch_dtype")) == str(dtype).removeprefix("torch.")
 
 
+def test_a_compact_run_leaves_torch_threads_of_the_process_as_they_were(compact_pairs, tmp_path):
+    # Its lanes run torch on one thread each; a caller's threads started afterwards (generate in the same process,
+    # a library user's) once got one thread too.
+    import threading
+
+    raw, tuned, diff = compact_pairs[torch.bfloat16]
+    before = torch.get_num_threads()
+    make_diff(raw, tuned, tmp_path / "again", diff_format="compact")
+    recover(raw, diff, tmp_path / "out")
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [before] and torch.get_num_threads() == before
+
+
 def test_a_bfloat16_compact_diff_is_far_smaller_than_the_float32_diff(compact_pairs, tmp_path):
     raw, tuned, diff = compact_pairs[torch.bfloat16]
     make_diff(raw, tuned, tmp_path / "f32")
@@ -730,3 +746,18 @@ def test_resume_refuses_a_compact_diff_replaced_since_the_interruption(compact_p
                  "60KB", "--resume")  # fmt: skip
     assert result.exit_code == 2 and "used other inputs" in result.output, result.output
     assert not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("files", [5, None, [["x"]], [], "diff-00001-of-00002.wdc", ["../x.wdc"], ["a.wdc", "a.wdc"]])
+def test_a_manifest_whose_file_list_is_not_one_is_one_clear_refusal(compact_pairs, copy_dir, tmp_path, files):
+    raw, _, diff = compact_pairs[torch.float32]
+    damaged = copy_dir(diff)
+    manifest = json.loads((damaged / "weight-diff-manifest.json").read_text())
+    manifest["rules"]["files"] = files
+    (damaged / "weight-diff-manifest.json").write_text(json.dumps(manifest))
+    for args in (["recover", "--path_raw", raw, "--path_diff", damaged, "--path_tuned", tmp_path / "out"],
+                 ["verify", damaged]):  # fmt: skip
+        result = run(*args)
+        assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+        assert "rules.files must list the diff's .wdc file names" in result.output, result.output
+    assert not (tmp_path / "out").exists()

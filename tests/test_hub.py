@@ -6,6 +6,7 @@ offline from the cache."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -665,3 +666,41 @@ def test_inspect_no_hash_of_a_compact_diff_on_the_hub_reads_only_its_indexes(hub
     wdc = {f.sha256 for f in hub.repos[COMPACT].files.values() if f.path.endswith(".wdc")}
     assert not wdc & set(blobs(tmp_path, COMPACT))  # no .wdc file was downloaded
     assert all(hub.range_requests(name) for name in (f.name for f in compact_diff.glob("*.wdc")))
+
+
+def test_a_stray_compact_file_beside_safetensors_weights_does_not_make_a_compact_diff(
+    hub, pair, made_diff, copy_dir, tmp_path
+):
+    # A model or float32 diff repository holding some .wdc file (say, an upload by mistake) is what its
+    # safetensors weights are: recover and inspect --no-hash read those.
+    published = copy_dir(made_diff)
+    (published / "stray.wdc").write_bytes(b"WDCOMPCT" + bytes(100))
+    hub.publish("wd/diff-stray", published)
+    out, local = tmp_path / "out", tmp_path / "local"
+    result = run("recover", "--path_raw", RAW, "--path_diff", "wd/diff-stray", "--path_tuned", out, "-q")
+    assert result.exit_code == 0, result.output
+    assert run("recover", "--path_raw", pair[0], "--path_diff", made_diff, "--path_tuned", local, "-q").exit_code == 0
+    assert_same(load_tensors(out), load_tensors(local))
+    described = run("inspect", "wd/diff-stray", "--no-hash")
+    assert described.exit_code == 0, described.output
+    assert "weight-diff compact" not in described.output and "safetensors-sharded" in described.output
+
+
+def test_a_compact_index_damaged_on_the_hub_asks_its_publisher(hub, compact_diff, copy_dir, tmp_path):
+    # The repository's own file is damaged (its SHA256SUMS matches it): downloading again cannot help.
+    published = copy_dir(compact_diff)
+    last = max(published.glob("*.wdc"))
+    data = bytearray(last.read_bytes())
+    data[-20] ^= 0xFF  # inside the index, at the end
+    last.write_bytes(bytes(data))
+    sums = (published / "SHA256SUMS").read_text()
+    old = hashlib.sha256(compact_diff.joinpath(last.name).read_bytes()).hexdigest()
+    (published / "SHA256SUMS").write_text(sums.replace(old, hashlib.sha256(bytes(data)).hexdigest()))
+    hub.publish(COMPACT, published)
+    for args in (["recover", "--path_raw", RAW, "--path_diff", COMPACT, "--path_tuned", tmp_path / "out"],
+                 ["inspect", COMPACT, "--no-hash"]):  # fmt: skip
+        result = run(*args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert COMPACT in result.output and last.name in result.output, result.output
+        assert "ask its publisher" in result.output, result.output
+        assert "download it again" not in result.output

@@ -1,7 +1,9 @@
 """Every bad input gets one clear line and an exit status; nothing half-written looks whole; inputs never change."""
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,6 +197,27 @@ def test_a_disk_filling_up_stops_cleanly_and_resume_finishes(pair, made_diff, tm
     assert snapshot(out) == snapshot(reference) | {}  # byte-identical to an uninterrupted run
 
 
+def test_a_disk_failing_mid_run_names_the_file_and_resume_finishes(pair, made_diff, tmp_path, monkeypatch):
+    # An I/O error (a failing disk, a folder made read-only) once said only "error: Input/output error".
+    raw, _ = pair
+    reference = tmp_path / "reference"
+    recover(raw, made_diff, reference, max_shard_size="100KB")
+    repaired = fill_disk_after(monkeypatch, 250_000, files=".safetensors.partial", error=errno.EIO)
+    out = tmp_path / "out"
+    result = recover_cli(raw, made_diff, out, "--max-shard-size", "100KB")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert re.search(
+        r"model-\d+-of-\d+\.safetensors: Input/output error while writing it; finished shards were "
+        r"kept: once that is fixed, run the same command with --resume",
+        result.output,
+    ), result.output
+    assert not list(out.glob("*.partial"))
+    repaired()
+    resumed = recover_cli(raw, made_diff, out, "--max-shard-size", "100KB", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert snapshot(out) == snapshot(reference)
+
+
 def test_an_interrupted_run_leaves_no_model_and_resume_gives_the_identical_result(pair, made_diff, tmp_path):
     raw, _ = pair
     reference = tmp_path / "reference"
@@ -348,6 +371,40 @@ def test_a_ctrl_c_while_the_libraries_load_is_one_line_and_status_130(pair, made
         [sys.executable, "-c", STOPPED_IN_TORCH_IMPORT, *map(str, args)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 130, done.stderr
+    assert done.stderr.strip() == "error: interrupted before anything was written; run the same command again"
+    assert not out.exists()
+
+
+CTRL_C_SWALLOWED_IN_TORCH_IMPORT = """
+import os, signal, sys, time
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.fx":
+            sys.meta_path.remove(self)
+            try:  # as compiled code that initialises a module may do with an exception raised in it
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            except BaseException:
+                pass
+sys.meta_path.insert(0, CtrlC())
+from weight_diff.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_ctrl_c_that_comes_while_torch_loads_stops_the_run_once_it_has_loaded(pair, made_diff, tmp_path):
+    # A KeyboardInterrupt raised inside a library's initialisation crashed the interpreter, or was lost there and
+    # the run went on to the end. The signal is now held while the libraries load, then stops the run.
+    raw, _ = pair
+    out = tmp_path / "out"
+    args = ["recover", "--path_raw", raw, "--path_diff", made_diff, "--path_tuned", out]
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_SWALLOWED_IN_TORCH_IMPORT, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 130, (done.returncode, done.stderr)
     assert done.stderr.strip() == "error: interrupted before anything was written; run the same command again"
     assert not out.exists()
 
@@ -551,3 +608,22 @@ def test_overwrite_stopped_while_setting_the_earlier_output_aside_puts_it_back(
     assert refused.exit_code == 1 and "No model was written" in refused.output, refused.output
     assert snapshot(out) == before and sorted(os.listdir(out)) == sorted(before)
     assert recover_cli(pair[0], made_diff, out, "--overwrite").exit_code == 0
+
+
+def test_a_finished_output_and_an_interrupted_overwrite_each_say_the_way_out(pair, made_diff, tmp_path, monkeypatch):
+    # A finished output was refused with "add --resume", and --resume then said "nothing to resume"; a run
+    # started with --overwrite and interrupted advised "the same command with --resume", which is refused.
+    raw, _ = pair
+    out = tmp_path / "out"
+    assert recover_cli(raw, made_diff, out, "--max-shard-size", "100KB").exit_code == 0
+    again = recover_cli(raw, made_diff, out, "--max-shard-size", "100KB")
+    assert again.exit_code == 2 and "holds a finished output of weight-diff" in again.output, again.output
+    assert f"weight-diff verify {out}" in again.output and "--resume" not in again.output
+    interrupt_once_created(monkeypatch, 3)  # after two shards of the new run
+    stopped = recover_cli(raw, made_diff, out, "--max-shard-size", "100KB", "--overwrite")
+    assert stopped.exit_code == 130, stopped.output
+    assert "Run the same command with --resume in place of --overwrite to continue" in stopped.output
+    monkeypatch.undo()
+    held = recover_cli(raw, made_diff, out, "--max-shard-size", "100KB")
+    assert held.exit_code == 2 and "holds an interrupted run; add --resume to finish it" in held.output, held.output
+    assert recover_cli(raw, made_diff, out, "--max-shard-size", "100KB", "--resume").exit_code == 0

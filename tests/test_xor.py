@@ -173,7 +173,7 @@ def test_an_interrupted_xor_recovery_can_be_started_again_with_overwrite(publish
     out = tmp_path / "out"
     _interrupted(raw, payload, out)
     refused = _cli_recover(raw, payload, out)
-    assert refused.exit_code == 2 and "add --resume to finish an interrupted run" in refused.output
+    assert refused.exit_code == 2 and "add --resume to finish it" in refused.output
     result = _cli_recover(raw, payload, out, "--overwrite")
     assert result.exit_code == 0, result.output
     assert "kept from the interrupted run" not in result.output
@@ -271,3 +271,18 @@ def test_overwrite_refused_by_a_wrong_raw_file_keeps_the_earlier_recovery_and_th
     assert _cli_recover(bad, payload, fresh).exit_code == 1 and not fresh.exists()
     assert _cli_recover(raw, payload, fresh).exit_code == 0  # the corrected command, as it was
     _assert_the_publishers_files(fresh, tuned)
+
+
+@pytest.mark.parametrize("config", [b"", b"\0" * 700, b"<html>502 Bad Gateway</html>"], ids=["empty", "zeros", "html"])
+def test_a_diff_whose_config_json_is_damaged_is_not_taken_for_an_xor_payload(
+    pair, legacy_diff, copy_dir, tmp_path, config
+):
+    # A failed download of config.json beside weight files that open as they are: recovering it as an XOR payload
+    # wrote a broken model and said so with exit status 0.
+    damaged = copy_dir(legacy_diff)
+    (damaged / "config.json").write_bytes(config)
+    out = tmp_path / "out"
+    result = _cli_recover(pair[0], damaged, out)
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert "xor" not in result.output.lower() and "config.json" in result.output, result.output
+    assert not out.exists() or not any(out.iterdir())

@@ -68,13 +68,22 @@ def reports_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         context = click.get_current_context()
         debug = context.find_root().params.get("debug", False)
-        previous = {signum: signal.signal(signum, _interrupt_once) for signum in STOP_SIGNALS}
+        held: list[int] = []  # signals that came while the libraries loaded
+        previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in STOP_SIGNALS}
         try:
+            try:
+                _load_libraries()
+            finally:
+                for signum in STOP_SIGNALS:
+                    signal.signal(signum, _interrupt_once)
+            if held:  # now, where an interruption is safe
+                _interrupt_once(held[0], None)
             return command(*args, **kwargs)
         except KeyboardInterrupt:
             if debug:
                 raise
-            error = Interrupted(_interrupted(context.info_name, kwargs.get(OUTPUTS.get(context.info_name, ""))))
+            out = kwargs.get(OUTPUTS.get(context.info_name, ""))
+            error = Interrupted(_interrupted(context.info_name, out, overwrite=bool(kwargs.get("overwrite"))))
             raise _Stop(str(error), error.exit_code) from None
         except WeightDiffError as error:
             if debug:
@@ -84,7 +93,10 @@ def reports_errors(command: Callable) -> Callable:
             if debug:
                 raise
             where = f"{error.filename}: " if error.filename else ""
-            raise _Stop(f"{where}{error.strerror or error}", 1) from None
+            kept = _kept(
+                context.info_name, kwargs.get(OUTPUTS.get(context.info_name, "")), bool(kwargs.get("overwrite"))
+            )
+            raise _Stop(f"{where}{error.strerror or error}{kept}", 1) from None
         except (click.ClickException, click.Abort, click.exceptions.Exit, SystemExit):
             raise
         except Exception as error:  # a bug or a case nobody foresaw: still one line, and how to learn more
@@ -103,7 +115,19 @@ def reports_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def _interrupted(command: str | None, out: str | None) -> str:
+def _load_libraries() -> None:
+    """Import torch and the other compiled libraries every command uses, with Ctrl-C held until they are loaded.
+
+    A KeyboardInterrupt raised while a compiled module initialises crashed the interpreter (a segmentation fault,
+    an abort, "cannot load module more than once"), or was swallowed there and the run went on regardless.
+    """
+    import numpy  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+    import zstandard  # noqa: F401
+
+
+def _interrupted(command: str | None, out: str | None, *, overwrite: bool = False) -> str:
     """Say what an interruption left: a run to resume only where a writing command left its journal."""
     if command not in OUTPUTS:
         return "interrupted"
@@ -112,8 +136,25 @@ def _interrupted(command: str | None, out: str | None) -> str:
     except Exception:  # stopped while torch was still being imported (it cannot be imported again): nothing written
         return "interrupted before anything was written; run the same command again"
     if out and (Path(out) / JOURNAL_NAME).is_file():
-        return "interrupted; finished shards were kept. Run the same command with --resume to continue"
+        how = "--resume in place of --overwrite" if overwrite else "--resume"
+        return f"interrupted; finished shards were kept. Run the same command with {how} to continue"
     return "interrupted before anything was written; run the same command again"
+
+
+def _kept(command: str | None, out: str | None, overwrite: bool) -> str:
+    """After a system error (a disk that fails, a folder made read-only): say how to continue where a writing
+    command left its journal of finished shards."""
+    if command not in OUTPUTS or not out:
+        return ""
+    try:
+        from .output import JOURNAL_NAME
+
+        if (Path(out) / JOURNAL_NAME).is_file():
+            how = "--resume in place of --overwrite" if overwrite else "--resume"
+            return f"; finished shards were kept: once that is fixed, run the same command with {how}"
+    except Exception:  # torch not importable any more: nothing was written
+        pass
+    return ""
 
 
 def _path_option(name: str, help_text: str) -> Callable:
@@ -597,21 +638,21 @@ def inspect(path, as_json, no_hash):
     """Say what PATH is: a model or a weight diff, its size, dtypes and shards, and whether its checksums match."""
     import json
 
-    from .checkpoint import COMPACT_SUFFIX
     from .inspect_dir import inspect_path
     from .manifest import Manifest
     from .sources.compact_files import remote_indexes
-    from .sources.hub import top_level_files
+    from .sources.hub import compact_on_hub, top_level_files
     from .xor import detect_files
 
     directory = _input_dir(path, quiet=as_json, weights=False)  # a hub repository: its small files first
     listed = top_level_files(path)
     compact = None
-    if listed is not None and no_hash and any(name.endswith(COMPACT_SUFFIX) for name in listed):
-        manifest = Manifest.load(directory)  # nothing to hash: each .wdc file's index, read by ranged requests
-        compact = remote_indexes(path, manifest.rules.get("files") if manifest is not None else None)
-    elif listed is not None and detect_files(directory, listed) is None:
-        directory = _input_dir(path, quiet=as_json)  # then its weights, unless it is an XOR payload
+    if listed is not None and detect_files(directory, listed) is None:
+        if not (no_hash and compact_on_hub(path)):  # nothing to hash: a compact diff's .wdc files stay there
+            directory = _input_dir(path, quiet=as_json)  # then its weights, unless it is an XOR payload
+        if compact_on_hub(path):  # the files its manifest names: indexes from the cache, or by ranged requests
+            manifest = Manifest.load(directory)
+            compact = remote_indexes(path, manifest.compact_files if manifest is not None else None)
     found = inspect_path(directory, check_sums=not no_hash, listed=listed, compact=compact)
     if as_json:
         click.echo(json.dumps(found.to_dict(), indent=2))

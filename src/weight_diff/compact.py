@@ -487,6 +487,7 @@ class CompactStream:
 
     @contextlib.contextmanager
     def _lanes(self, workers: int) -> Iterator[_Lanes]:
+        threads = torch.get_num_threads()  # a lane's setting reaches threads started later: put it back after
         lanes = _Lanes(
             read=_lane("read"),
             raw=_lane("read-raw"),
@@ -500,6 +501,7 @@ class CompactStream:
         finally:
             for lane in (lanes.read, lanes.raw, lanes.codec, lanes.hash, lanes.tensor_hash, lanes.write):
                 lane.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)
 
     def _drain(self) -> None:
         """After a failure: let every lane finish with the ring, so a file can be removed safely."""

@@ -242,10 +242,19 @@ class ContainerReader:
         self.close()
 
 
-def read_index(path: Path, size: int, read_at: Callable[[int, int], bytes]) -> tuple[dict, dict[str, CompactTensor]]:
+def read_index(
+    path: Path,
+    size: int,
+    read_at: Callable[[int, int], bytes],
+    *,
+    where: str | None = None,
+    remedy: str = "download it again",
+) -> tuple[dict, dict[str, CompactTensor]]:
     """Return a compact file's codec and tensors from its ``size`` and ``read_at(offset, length)``: a local file's
-    bytes, or ranged reads of a file on the hub, planned before it downloads."""
-    damaged = f"{path}: not a complete weight-diff compact file (truncated or damaged); download it again"
+    bytes, or ranged reads of a file on the hub, planned before it downloads (``where`` names it in a refusal,
+    ``remedy`` says what to do: a file on the hub is its publisher's to fix)."""
+    where = where or str(path)
+    damaged = f"{where}: not a complete weight-diff compact file (truncated or damaged); {remedy}"
     if size < len(MAGIC) + _TRAILER.size or read_at(0, len(MAGIC)) != MAGIC:
         raise IntegrityError(damaged)
     length, magic = _TRAILER.unpack(read_at(size - _TRAILER.size, _TRAILER.size))
@@ -253,19 +262,21 @@ def read_index(path: Path, size: int, read_at: Callable[[int, int], bytes]) -> t
         raise IntegrityError(damaged)
     if length > MAX_INDEX_BYTES:
         raise IntegrityError(
-            f"{path}: its index claims {length} bytes, more than weight-diff writes (at most "
-            f"{MAX_INDEX_BYTES}): not a compact file weight-diff wrote, or damaged; download it again"
+            f"{where}: its index claims {length} bytes, more than weight-diff writes (at most "
+            f"{MAX_INDEX_BYTES}): not a compact file weight-diff wrote, or damaged; {remedy}"
         )
     start = size - _TRAILER.size - length
     try:
-        index = load_json(read_at(start, length), where=f"{path}: its index is damaged",
-                          error=IntegrityError)  # fmt: skip
+        try:
+            index = load_json(read_at(start, length), where=f"{where}: its index is damaged", error=IntegrityError)
+        except IntegrityError as exc:  # its advice is for a local file
+            raise IntegrityError(str(exc).removesuffix("download it again") + remedy) from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             raise ValueError("not a weight-diff compact index")
         version = index.get("version")
         if version not in READS or isinstance(version, bool):
             raise IntegrityError(
-                f"{path}: compact format version {str(version)[:20]}; this weight-diff reads versions "
+                f"{where}: compact format version {str(version)[:20]}; this weight-diff reads versions "
                 f"{', '.join(map(str, READS))}: upgrade weight-diff"
             )
         if not isinstance(index["tensors"], dict):
@@ -288,7 +299,7 @@ def read_index(path: Path, size: int, read_at: Callable[[int, int], bytes]) -> t
             ))  # fmt: skip
         return index["codec"], tensors
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise IntegrityError(f"{path}: its index is damaged ({exc}); download it again") from None
+        raise IntegrityError(f"{where}: its index is damaged ({exc}); {remedy}") from None
 
 
 def _open_direct(path: Path) -> int | None:

@@ -123,15 +123,14 @@ def recover(
                 raw_dir, diff_dir, out, chosen, reason, dtype, chat_template, overwrite, resume, progress
             )
             return replace(report, downloads_checked=from_hub)
-        on_hub = listed is not None and any(name.endswith(compact.SUFFIX) for name in listed)
-        if compact.is_compact(diff_dir) or _manifest_says_compact(diff_dir) or on_hub:
+        if compact.is_compact(diff_dir) or _manifest_says_compact(diff_dir) or hub.compact_on_hub(path_diff):
             if rule is not None and rule.name != "weight-diff":
                 raise UsageError(f"{diff_dir}: a compact weight-diff diff, not a {rule.name} diff; omit --family")
             raw_dir = hub.input_dir(path_raw, transfer)
             manifest = Manifest.load(diff_dir)
             promised = expected_file_sums(diff_dir, manifest)
             _check_promised(diff_dir, promised)
-            named = manifest.rules.get("files") if manifest is not None else None
+            named = manifest.compact_files if manifest is not None else None
             with compact_files.open_compact_files(
                 path_diff, diff_dir, promised, named=named, keep_download=keep_download, transfer=transfer
             ) as wdc:
@@ -848,7 +847,7 @@ def _recover_compact(
         if classify(raw)[0] == "diff":
             raise UsageError(f"{raw_dir}: looks like a weight diff, not a raw model; --path_raw takes the base model")
         if manifest is not None:
-            missing = [name for name in manifest.rules.get("files", []) if name not in wdc.names]
+            missing = [name for name in manifest.compact_files or [] if name not in wdc.names]
             if missing and wdc.origin is not None:
                 raise IntegrityError(f"{wdc.origin}: {missing[0]}, a compact file the diff's manifest names, is not in "
                                      "the repository; ask its publisher. Nothing was written")  # fmt: skip

@@ -117,7 +117,25 @@ class Manifest:
         files = body.get("files", {})
         if not isinstance(files, dict) or not all(_is_sha256(v) for v in files.values()):
             raise IntegrityError(f"{where} (its files section is malformed); download it again")
+        if "files" in rules and not _is_compact_file_list(rules["files"]):
+            raise IntegrityError(f"{where} (rules.files must list the diff's .wdc file names); download it again")
         return cls(rules=rules, tool=tool, tensors=records, files=files)
+
+    @property
+    def compact_files(self) -> list[str] | None:
+        """The ``.wdc`` files a compact diff's manifest names (checked when loaded), None where it names none."""
+        return self.rules.get("files")
+
+
+def _is_compact_file_list(names: object) -> bool:
+    """Whether a JSON value lists ``.wdc`` files by plain names, each once, at least one."""
+    return (
+        isinstance(names, list)
+        and bool(names)
+        and all(isinstance(n, str) and n.endswith(".wdc") and n.strip(".") and "/" not in n and "\\" not in n
+                and not n.startswith(".") for n in names)
+        and len(set(names)) == len(names)
+    )  # fmt: skip
 
 
 def is_tensor_record(record: object) -> bool:

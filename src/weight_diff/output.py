@@ -108,10 +108,17 @@ def check_location(out: Path, inputs: list[Path], *, overwrite: bool, resume: bo
     if resume:
         if not (out / JOURNAL_NAME).is_file():
             raise UsageError(f"{out}: nothing to resume (no unfinished run there); run without --resume")
-    elif has_files and not overwrite:
+    elif has_files and not overwrite and (out / JOURNAL_NAME).is_file():
         raise UsageError(
-            f"{out}: exists and is not empty; choose a new directory, add --resume to finish an interrupted run, "
-            "or --overwrite to replace it"
+            f"{out}: holds an interrupted run; add --resume to finish it, or --overwrite to start again there"
+        )
+    elif has_files and not overwrite:
+        finished = any((out / marker).is_file() for marker in OUR_MARKERS)  # a run of ours, finished
+        raise UsageError(
+            f"{out}: holds a finished output of weight-diff (`weight-diff verify {out}` checks it); choose a new "
+            "directory, or add --overwrite to replace it"
+            if finished
+            else f"{out}: exists and is not empty, and is no output of weight-diff; choose a new directory"
         )
     elif has_files:
         ours_to_remove(out)

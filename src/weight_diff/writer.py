@@ -222,10 +222,12 @@ class PartialFile:
 
     def _fail(self, exc: OSError) -> Exception:
         self.abort()
-        self._failure = exc
-        if exc.errno == errno.ENOSPC:
+        # A write's error names no file (it came from a descriptor): name the one being written.
+        self._failure = OSError(exc.errno, f"{exc.strerror or exc} while writing it", str(self.path))
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            full = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
             self._failure = DiskFullError(
-                f"{self.path.parent}: disk full while writing {self.path.name}; the unfinished {self._kind} was "
+                f"{self.path.parent}: {full} while writing {self.path.name}; the unfinished {self._kind} was "
                 "removed. Free space and run again with --resume"
             )
         return self._failure

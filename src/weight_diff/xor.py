@@ -76,15 +76,30 @@ class XorReport:
 
 
 def looks_xor(directory: Path) -> str | None:
-    """Return why ``directory`` looks like an XOR payload (its config.json is not JSON), None otherwise."""
+    """Return why ``directory`` looks like an XOR payload (its config.json is not JSON), None otherwise.
+
+    A config.json that is empty or only zero bytes (a download that failed), or one beside weight files that open
+    as they are (a zip or a safetensors header: XOR-encoded ones do not), is a damaged file, not a payload: the
+    checkpoint's reader then says so, where an XOR recovery would write a broken model and report success.
+    """
     config = directory / CONFIG_NAME
     if not config.is_file():
         return None
     with config.open("rb") as file:  # the first bytes only: never a whole file, which may be anything
         data = file.read(64).lstrip()
-    if data.startswith(b"{"):
+    if data.startswith(b"{") or not data.strip(b"\0") or any(_plain_weights(p) for p in directory.iterdir()):
         return None
     return f"{CONFIG_NAME} is not JSON: every file is XOR-encoded against the raw model's file of the same name"
+
+
+def _plain_weights(path: Path) -> bool:
+    """Whether a file is a weight file that opens as it is: a torch zip (``PK\\x03\\x04``) or safetensors (a
+    JSON header after its 8-byte length). XOR-encoded against the raw file, those first bytes come out zero."""
+    if not path.name.endswith((".bin", ".safetensors")) or not path.is_file():
+        return False
+    with path.open("rb") as file:
+        head = file.read(9)
+    return head.startswith(b"PK\x03\x04") if path.name.endswith(".bin") else head[8:9] == b"{"
 
 
 def looks_belle(directory: Path, names: Iterable[str] | None = None) -> str | None:

@@ -105,7 +105,11 @@ class HubFiles:
             with ContainerReader(path) as reader:
                 return reader.tensors
         _, tensors = read_index(
-            path, file.size, lambda offset, length: hub.fetch_range(self.snapshot, file, offset, offset + length)
+            path,
+            file.size,
+            lambda offset, length: hub.fetch_range(self.snapshot, file, offset, offset + length),
+            where=f"{self.snapshot.spec}: {file.path}",
+            remedy="the repository holds it so: ask its publisher",
         )
         return tensors
 

@@ -36,7 +36,7 @@ from ..checkpoint import (
 from ..container import SUFFIX
 from ..errors import CheckpointError, IntegrityError, Interrupted, WeightDiffError, first_line
 from ..files import read_json_object
-from ..manifest import file_digest
+from ..manifest import Manifest, file_digest
 from .repo_spec import RepoSpec, hub_spec_for
 
 PARTIAL_SUFFIX = ".weight-diff-partial"
@@ -346,12 +346,12 @@ class DownloadThread:
             self._thread.join(timeout=5)
 
 
-def _refuse_offline(snapshot: Snapshot, file: RemoteFile) -> None:
+def _refuse_offline(snapshot: Snapshot, file: RemoteFile, why: str = "") -> None:
     """Say so, before any request, when a file not in the cache would have to come from the hub while offline."""
     if snapshot.settings.offline:
         raise HubError(
-            f"{snapshot.spec}: {file.path} is not in the cache ({snapshot.repo_dir}) and HF_HUB_OFFLINE is set; run "
-            "once online first"
+            f"{snapshot.spec}: {file.path} is not in the cache ({snapshot.repo_dir}){why} and HF_HUB_OFFLINE is "
+            "set; run once online first"
         )
 
 
@@ -580,7 +580,8 @@ def fetch_range(snapshot: Snapshot, file: RemoteFile, start: int, stop: int) -> 
     from huggingface_hub import get_session, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
-    _refuse_offline(snapshot, file)
+    _refuse_offline(snapshot, file, " (`inspect --no-hash` reads its index from the hub, keeping nothing; `inspect` "
+                    "without it, or `recover`, downloads it)")  # fmt: skip
     url = hf_hub_url(snapshot.spec.repo_id, file.path, revision=snapshot.commit, endpoint=snapshot.settings.endpoint)
     headers = build_hf_headers(token=snapshot.settings.token)
     headers.update({"Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity"})
@@ -644,6 +645,21 @@ def top_level_files(path: str | os.PathLike) -> dict[str, int] | None:
     return None if spec is None else {name: f.size for name, f in resolve(spec).files.items() if "/" not in name}
 
 
+def compact_on_hub(path: str | os.PathLike) -> bool:
+    """Whether an input argument names a hub repository whose weights are a compact diff's ``.wdc`` files (a stray
+    ``.wdc`` beside safetensors or ``.bin`` weights does not make one); its small files must be here already."""
+    spec = hub_spec_for(path)
+    if spec is None:
+        return False
+    snapshot = resolve(spec)
+    if not any("/" not in name and name.endswith(SUFFIX) for name in snapshot.files):
+        return False
+    try:
+        return weight_files(snapshot)[0] == "compact"
+    except CheckpointError:
+        return False  # not a layout we read: the reader that follows says why
+
+
 def snapshot_dir(path: str | os.PathLike) -> Path:
     """Return where an input argument's files are or will be (for refusing an output inside an input), without
     downloading anything."""
@@ -673,6 +689,9 @@ def weight_files(snapshot: Snapshot) -> tuple[str, list[str]]:
         return "meta", consolidated
     compact = sorted(name for name in top if name.endswith(SUFFIX))
     if compact:  # a compact diff (recover reads it while it downloads: sources/compact_files.py)
+        named = Manifest.load(snapshot.directory)
+        if named is not None and named.compact_files is not None:  # others are no part of it: left on the hub
+            compact = [name for name in compact if name in named.compact_files]
         return "compact", compact
     # Not a layout we read: let the usual message say so from the (small) files that are here.
     find_weight_files(snapshot.directory)
