@@ -205,3 +205,15 @@ def test_the_flag_wins_over_a_chat_template_jinja_in_the_diff(pair, diff_with_ji
     out = recover(pair[0], diff_with_jinja_file, tmp_path / "out", "--chat-template", "open-instruct")
 
     assert apply(out, HI) == "<s><|user|>\nHi\n<|assistant|>\n"
+
+
+def test_a_template_file_jinja_cannot_parse_is_refused_before_anything_is_written(pair, diff, tmp_path):
+    # It was written, and generate then failed with "unexpected TemplateSyntaxError ... report it".
+    template = tmp_path / "broken.jinja"
+    template.write_text("{% for message in messages %}{{ message['content'] }}{% endfor %")
+    out = tmp_path / "out"
+    args = ["recover", "--path_raw", pair[0], "--path_diff", diff, "--path_tuned", out, "--chat-template", template]
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert f"--chat-template {template}: not a valid Jinja template (line 1:" in result.output
+    assert not out.exists()

@@ -74,12 +74,15 @@ def test_verify_passes_on_a_recovered_model_and_fails_on_a_flipped_byte(pair, ma
     out = tmp_path / "out"
     recover(raw, made_diff, out)
     ok = run("verify", out, "--diff", made_diff)
-    assert ok.exit_code == 0 and "verified:" in ok.output
+    assert ok.exit_code == 0 and "files and tensors in" in ok.output
+    files_only = run("verify", out)  # no tensor is checked without a diff: the line says files
+    assert files_only.exit_code == 0 and f"files in {out} match" in files_only.output, files_only.output
     flip_byte_inside(out, "model.norm.weight")
     bad = run("verify", out, "--diff", made_diff)
     assert bad.exit_code == 1
     assert "MISMATCH model.safetensors: content changed" in bad.output
     assert "MISMATCH model.norm.weight (model.safetensors)" in bad.output
+    assert "do not match; recover it again into a new directory" in bad.output  # what to do
 
 
 def test_verify_on_a_diff_checks_its_tensors_against_its_manifest(made_diff, copy_dir):

@@ -286,3 +286,14 @@ def test_a_diff_whose_config_json_is_damaged_is_not_taken_for_an_xor_payload(
     assert result.exit_code != 0 and "Traceback" not in result.output, result.output
     assert "xor" not in result.output.lower() and "config.json" in result.output, result.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_family_forced_on_the_other_kind_of_diff_is_refused_by_name(publisher, pair, legacy_diff, tmp_path):
+    # Forcing a tensor family on an XOR payload blamed the download ("two records overlap; damaged file"), and an
+    # XOR family on a diff of tensors said the raw model lacked files.
+    raw, _, payload = publisher
+    tensors = _cli_recover(raw, payload, tmp_path / "a", "--family", "open-instruct")
+    assert tensors.exit_code == 2 and "an XOR payload" in tensors.output and "omit --family" in tensors.output
+    xor_on_tensors = _cli_recover(pair[0], legacy_diff, tmp_path / "b", "--family", "openassistant-xor")
+    assert xor_on_tensors.exit_code == 2 and "not an XOR payload" in xor_on_tensors.output, xor_on_tensors.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -47,4 +47,19 @@ def resolve_template(value: str) -> str:
         raise UsageError(f"--chat-template {value}: not UTF-8 text, so not a Jinja chat template") from None
     if "{" not in text:
         raise UsageError(f"--chat-template {value}: does not look like a Jinja chat template")
+    _check_syntax(value, text)
     return text
+
+
+def _check_syntax(value: str, text: str) -> None:
+    """Refuse, before anything is written, a template that Jinja cannot parse (every tool would fail on it later).
+
+    jinja2 comes with torch; transformers renders templates with it, loop controls enabled."""
+    import jinja2
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise UsageError(
+            f"--chat-template {value}: not a valid Jinja template (line {exc.lineno}: {exc.message})"
+        ) from None

@@ -549,9 +549,13 @@ def verify(path, diff_dir):
     for note in report.notes:
         click.echo(f"note: {note}")
     matched = len(report.checks) - len(report.failures)
-    what = "files and tensors" if report.kind == "model" else "diff files and tensors"
+    if report.kind == "model":
+        what = "files and tensors" if diff_dir is not None else "files"  # tensors are checked against a diff only
+        remedy = "recover it again into a new directory, or copy it again from a copy that verifies"
+    else:
+        what, remedy = "diff files and tensors", "download the diff again"
     if not report.ok:
-        raise _Stop(f"{path}: {len(report.failures)} of {len(report.checks)} {what} do not match", 1)
+        raise _Stop(f"{path}: {len(report.failures)} of {len(report.checks)} {what} do not match; {remedy}", 1)
     click.echo(f"verified: {matched} {what} in {path} match")
 
 

@@ -113,10 +113,17 @@ def recover(
         rule = families.family_named(family) if family is not None else None
         diff_dir = hub.input_dir(path_diff, transfer, weights=False)  # a hub diff: its small files, to tell its kind
         listed = hub.top_level_files(path_diff)  # a hub payload's .enc files are listed before they are fetched
-        found = xor.detect_files(diff_dir, listed) if diff_dir.is_dir() and rule is None else None
-        if found or (rule is not None and rule.xor_codec):
+        found = xor.detect_files(diff_dir, listed) if diff_dir.is_dir() else None
+        if rule is not None and (found[0] if found else None) != rule.xor_codec:  # forced on another kind of diff
+            raise UsageError(
+                f"{path_diff}: an XOR payload ({found[1]}), which --family {rule.name} does not read; omit --family"
+                if found
+                else f"{path_diff}: not an XOR payload (its config.json is JSON, or its weights open as they are), "
+                f"which --family {rule.name} needs; omit --family"
+            )
+        if found:
             chosen = rule or next(f for f in families.FAMILIES if f.xor_codec == found[0])
-            reason = found[1] if found else "chosen with --family"
+            reason = found[1]
             raw_dir = hub.input_dir(path_raw, transfer, every_file=True)
             diff_dir = hub.input_dir(path_diff, transfer, every_file=True)
             report = _recover_xor(
