@@ -182,3 +182,14 @@ def test_every_flag_takes_both_spellings():
             for flag in flags:
                 other = "--" + (flag[2:].replace("-", "_") if "-" in flag[2:] else flag[2:].replace("_", "-"))
                 assert other in flags, f"{name} {flag}: no {other}"
+
+
+def test_a_tilde_after_an_equals_sign_is_the_home_folder(pair, made_diff, tmp_path, monkeypatch):
+    # The shell leaves ~ alone in --path_tuned=~/x: it was written into a folder named "~" under the current one.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    result = run("recover", f"--path_raw={pair[0]}", f"--path_diff={made_diff}", "--path_tuned=~/out", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "home" / "out" / "SHA256SUMS").is_file() and not (tmp_path / "~").exists()
+    assert f"into {tmp_path / 'home' / 'out'}" in result.output

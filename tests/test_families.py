@@ -314,3 +314,17 @@ def test_small_blocks_give_the_same_bits(fp32_case, fp16_pair, tmp_path, monkeyp
     diff_dir = _write_diff(tmp_path / "vicuna0", delta, tuned_dir, pad="[PAD]")
     recover(raw_dir, diff_dir, tmp_path / "out16", family="vicuna-v0")
     _check_equal(tmp_path / "out16", {n: base[n] + delta[n] for n in delta})
+
+
+def test_a_family_that_stores_embeddings_whole_forced_on_a_diff_of_them_is_refused(pair, legacy_diff, tmp_path):
+    # --family ziya copies embed_tokens and lm_head as stored: on a diff that holds their differences it wrote a
+    # broken model and said every plausibility check passed.
+    out = tmp_path / "out"
+    args = ["recover", "--path_raw", pair[0], "--path_diff", legacy_diff, "--path_tuned", out, "--family", "ziya"]
+    result = CliRunner().invoke(main, [str(arg) for arg in args])
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    assert "takes model.embed_tokens.weight as stored whole" in result.output or "lm_head.weight as stored whole" in (
+        result.output
+    ), result.output
+    assert "omit --family" in result.output
+    assert not out.exists() or not any(out.iterdir())

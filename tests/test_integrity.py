@@ -186,3 +186,26 @@ def test_verify_and_inspect_of_an_interrupted_output_say_to_finish_it(pair, made
         result = run(command, out)
         assert result.exit_code == 2 and "an unfinished weight-diff run (interrupted)" in result.output
         assert "--resume" in result.output
+
+
+def test_a_diff_file_downloaded_again_after_damage_lets_resume_finish(pair, made_diff, copy_dir, tmp_path):
+    # A damaged diff tensor stops the run with its finished shards kept. Once the file is downloaded again (a new
+    # modification time) --resume was refused ("used other inputs"): every tensor is checked against the same
+    # manifest, which now names the inputs.
+    raw, _ = pair
+    reference = tmp_path / "reference"
+    recover(raw, made_diff, reference, max_shard_size="100KB")
+    diff = copy_dir(made_diff)
+    damaged = flip_byte_inside(diff, "model.norm.weight")  # in the diff's last shard
+    out = tmp_path / "out"
+    args = ["recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", out, "--max-shard-size", "100KB", "-q"]
+    stopped = run(*args)
+    assert stopped.exit_code == 1 and "model.norm.weight" in stopped.output, stopped.output
+    assert "the shards finished before were kept" in stopped.output and "--resume" in stopped.output
+    assert list(out.glob("model-*.safetensors"))
+    damaged.write_bytes((made_diff / damaged.name).read_bytes())  # downloaded again
+    resumed = run(*args, "--resume")
+    assert resumed.exit_code == 0 and "verified" in resumed.output, resumed.output
+    shards = sorted(path.name for path in reference.glob("model-*.safetensors"))
+    assert sorted(path.name for path in out.glob("model-*.safetensors")) == shards
+    assert all((out / name).read_bytes() == (reference / name).read_bytes() for name in shards)

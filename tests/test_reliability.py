@@ -207,8 +207,8 @@ def test_a_disk_failing_mid_run_names_the_file_and_resume_finishes(pair, made_di
     result = recover_cli(raw, made_diff, out, "--max-shard-size", "100KB")
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert re.search(
-        r"model-\d+-of-\d+\.safetensors: Input/output error while writing it; finished shards were "
-        r"kept: once that is fixed, run the same command with --resume",
+        r"model-\d+-of-\d+\.safetensors: Input/output error while writing it; the shards finished before "
+        r"were kept: once that is fixed, run the same command with --resume",
         result.output,
     ), result.output
     assert not list(out.glob("*.partial"))

@@ -45,6 +45,7 @@ ROUNDED_SHARE = 0.99  # bfloat16-rounded float16 has 100%; genuine float16 about
 MIN_FLOAT16_VALUES = 4096  # fewer normal float16 values than this cannot tell
 COARSE_SHARE = 0.9  # a half-precision fine-tune's diff: 99-100% (measured); a float32 one's, when not tiny: <75%
 DIFF_RATIO_LIMIT = 0.5  # rms(diff) / rms(raw): fine-tunes stay far below, a diff against another model is ~1.4
+WHOLE_RATIO_FLOOR = 0.25  # rms(stored) / rms(raw) of a tensor a family stores whole: ~1 for a tuned tensor
 QUALITY_RATIO_LIMIT = 2.0  # perplexity of the recovered model against the raw model's
 FORCE_HINT = "--ignore-checks goes on anyway"
 ALL_CHECKS = (CONFIG, PRECISION, GRID, MAGNITUDES)
@@ -101,6 +102,15 @@ class Evidence:
     result_on_grid: dict[str, int] = field(default_factory=lambda: {"float16": 0, "bfloat16": 0})
     raw_dtype_bytes: dict[str, int] = field(default_factory=dict)
     tensors: dict[str, _TensorSums] = field(default_factory=dict)
+    whole: dict[str, _TensorSums] = field(default_factory=dict)  # tensors the family's rule takes as stored
+
+    def observe_whole(self, name: str, raw: torch.Tensor, stored: torch.Tensor, limit: int = SLICE_ELEMENTS) -> None:
+        """Add rows of a tensor the diff stores whole (the rule copies it) beside the same rows of raw."""
+        wide, kept = raw.reshape(-1)[:limit].float(), stored.reshape(-1)[:limit].float()
+        sums = self.whole.setdefault(name, _TensorSums())
+        sums.raw_sq += float(torch.dot(wide, wide))
+        sums.delta_sq += float(torch.dot(kept, kept))
+        sums.values += wide.numel()
 
     def observe(self, name: str, raw: torch.Tensor, other: torch.Tensor, limit: int = SLICE_ELEMENTS) -> None:
         """Add the first ``limit`` values of a block of raw rows and the matching diff (or tuned) rows."""
@@ -174,6 +184,20 @@ def sample_rows(
         start = (job.raw_rows - rows) // 2
         other_rows = other.read_rows(job.other, start, start + rows) if other is not None else None
         yield job.name, raw.read_rows(job.raw, start, start + rows), other_rows
+
+
+def sample_whole(
+    jobs: Iterable, raw, other, limit: int = SAMPLE_ELEMENTS
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Yield (name, raw rows, stored rows) from the start of each tensor the rule takes as stored whole, where raw
+    has it too: a tuned tensor stored whole is about as large as raw's, a difference is not."""
+    for job in jobs:
+        if not getattr(job, "absolute", False) or job.raw is None or len(job.raw.shape) < 2:
+            continue
+        if job.raw.shape[1:] != job.other.shape[1:] or job.other.rows < job.raw.rows:
+            continue  # stored whole because raw's is of another width: nothing to hold it against
+        rows = max(1, min(job.raw.rows, limit // max(1, job.raw.row_numel)))  # rows both have (vocabulary: raw's)
+        yield job.name, raw.read_rows(job.raw, 0, rows), other.read_rows(job.other, 0, rows)
 
 
 def describe_config(config: dict) -> str:
@@ -326,7 +350,22 @@ def grid_finding(evidence: Evidence, *, other_role: str) -> Finding:
 
 
 def magnitude_finding(evidence: Evidence, *, other_role: str) -> Finding:
-    """Return whether the diff's values are as small against raw's as a fine-tune's, tensor by tensor."""
+    """Return whether the diff's values are as small against raw's as a fine-tune's, tensor by tensor, and those
+    the rule takes as stored whole as large."""
+    small = {
+        name: math.sqrt(s.delta_sq / s.raw_sq)
+        for name, s in evidence.whole.items()
+        if s.raw_sq > 0 and s.delta_sq < WHOLE_RATIO_FLOOR**2 * s.raw_sq
+    }
+    if small:
+        name = min(small, key=small.__getitem__)
+        return Finding(
+            MAGNITUDES,
+            REFUSE,
+            f"magnitudes: the rule applied takes {name} as stored whole, but the {other_role}'s {name} is "
+            f"{small[name]:.1%} of raw's rms: a difference, not a tuned tensor. The {other_role} is not of the family "
+            f"chosen; omit --family, or give the one its README names; {FORCE_HINT}",
+        )
     ratios = evidence.ratios()
     if not ratios:
         return Finding(MAGNITUDES, PASS, "magnitudes: no tensor to compare")
@@ -410,11 +449,15 @@ class Plausibility:
     def before_writing(self, jobs: Iterable, raw, other) -> list[Finding]:
         """Return the findings on a sample of every tensor's rows (``other`` None: raw's only); raise on certain
         evidence."""
+        jobs = list(jobs)
         for name, raw_rows, other_rows in sample_rows(jobs, raw, other):
             if other_rows is None:
                 self.evidence.observe_raw(raw_rows)
             else:
                 self.evidence.observe(name, raw_rows, other_rows)
+        if other is not None and MAGNITUDES in self.checks and not self.evidence.other_is_tuned:
+            for name, raw_rows, stored_rows in sample_whole(jobs, raw, other):
+                self.evidence.observe_whole(name, raw_rows, stored_rows)
         findings = self._assess()
         refused = [f for f in findings if f.severity == REFUSE]
         if refused and self.may_refuse:

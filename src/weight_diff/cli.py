@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import threading
@@ -88,7 +89,12 @@ def reports_errors(command: Callable) -> Callable:
         except WeightDiffError as error:
             if debug:
                 raise
-            raise _Stop(str(error), error.exit_code) from None
+            message = str(error)
+            if "--resume" not in message:  # a run stopped by what it found: say where it can go on from
+                message += _kept(
+                    context.info_name, kwargs.get(OUTPUTS.get(context.info_name, "")), bool(kwargs.get("overwrite"))
+                )
+            raise _Stop(message, error.exit_code) from None
         except OSError as error:
             if debug:
                 raise
@@ -151,16 +157,23 @@ def _kept(command: str | None, out: str | None, overwrite: bool) -> str:
 
         if (Path(out) / JOURNAL_NAME).is_file():
             how = "--resume in place of --overwrite" if overwrite else "--resume"
-            return f"; finished shards were kept: once that is fixed, run the same command with {how}"
+            return f"; the shards finished before were kept: once that is fixed, run the same command with {how}"
     except Exception:  # torch not importable any more: nothing was written
         pass
     return ""
 
 
 def _path_option(name: str, help_text: str) -> Callable:
-    """An option spelled both ``--path_raw`` (the model card's spelling) and ``--path-raw``."""
+    """An option spelled both ``--path_raw`` (the model card's spelling) and ``--path-raw``; ``~`` is the home
+    folder, as the shell makes it in ``--path_raw ~/x`` but not in ``--path_raw=~/x``."""
     return click.option(
-        f"--{name}", f"--{name.replace('_', '-')}", name, required=True, type=click.Path(), help=help_text
+        f"--{name}",
+        f"--{name.replace('_', '-')}",
+        name,
+        required=True,
+        type=click.Path(),
+        callback=lambda context, parameter, value: os.path.expanduser(value) if value.startswith("~") else value,
+        help=help_text,
     )
 
 

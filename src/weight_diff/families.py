@@ -297,7 +297,8 @@ def evidence_of(diff: Checkpoint, raw: Checkpoint | None = None) -> Evidence:
     return Evidence(
         files=frozenset(path.name for path in diff.directory.iterdir()),
         dtype=max(by_dtype, key=by_dtype.__getitem__),
-        added_rows=embed.rows - raw_rows if embed is not None else None,
+        # Without raw, a vocabulary below LLaMA's says nothing about rows added to it (not "-31679 rows").
+        added_rows=embed.rows - raw_rows if embed is not None and (raw is not None or embed.rows >= raw_rows) else None,
         pad_token=pad_token(diff.directory),
         unpaired=unpaired,
     )

@@ -218,6 +218,7 @@ def recover(
                 plausibility=plausibility,
                 on_shard_written=diff.shard_written if isinstance(diff, hub_diff.HubCheckpoint) else None,
                 before_finish=diff.wait_checked if isinstance(diff, hub_diff.HubCheckpoint) else None,
+                checked_by=_manifest_sha256(diff_dir) if manifest is not None else None,
             )
             return replace(
                 report, family=rule.name, family_reason=reason, checks=tuple(checks), downloads_checked=from_hub
@@ -468,6 +469,7 @@ def _run(
     on_shard_written: Callable[[list[str]], None] | None = None,
     before_finish: Callable[[list[str]], None] | None = None,
     other_identity: Path | str | None = None,
+    checked_by: str | None = None,
 ) -> RunReport:
     """Run a planned job into ``out``; ``records`` collects make-diff's tensor hashes, across --resume too.
 
@@ -476,7 +478,10 @@ def _run(
     ``on_shard_written`` hears the tensors of each shard once it is on disk (and of those kept by --resume);
     ``before_finish`` is waited for before a shard is renamed into place (a diff read while it downloads);
     ``other_identity`` names the second input for --resume where ``other`` does not (a compact diff's folder or
-    hub commit: its stream reads the diff, ``other`` is raw again).
+    hub commit: its stream reads the diff, ``other`` is raw again); ``checked_by``: the SHA-256 of the manifest
+    every written tensor is checked against, which then names the inputs for --resume instead of their files'
+    sizes and times (a diff file downloaded again after damage, or touched, does not block --resume; a tensor from
+    other inputs is refused by its hash).
     """
     started = time.monotonic()
     nonfinite: list[str] = []
@@ -491,6 +496,8 @@ def _run(
             on_tensor(job, digests)
 
     identities = [_input_identity(raw), other_identity if other_identity is not None else _input_identity(other)]
+    if checked_by is not None:
+        identities = [f"checked against manifest {checked_by}"]
     fingerprint = output.plan_fingerprint(mode, plan, identities)
     # Everything that can refuse the run does so before the first write.
     journal = (
@@ -651,6 +658,11 @@ def _input_identity(checkpoint: Checkpoint) -> Path | str:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _manifest_sha256(diff_dir: Path) -> str:
+    """The SHA-256 of a diff's manifest file (read and checked already): what a run checked against it is made of."""
+    return file_sha256(diff_dir / MANIFEST_NAME)
 
 
 def _check_promised(directory: Path, promised: dict[str, str]) -> None:
@@ -918,6 +930,7 @@ def _recover_compact(
             extra_files={RECOVERY_NAME: record},
             chat_template=chat_template, overwrite=overwrite, resume=resume, progress=progress, on_plan=on_plan,
             has_manifest=manifest is not None, stream=stream, other_identity=wdc.origin or diff_dir,
+            checked_by=_manifest_sha256(diff_dir) if manifest is not None else None,
         )  # fmt: skip
         return replace(
             report, family="weight-diff compact", family_reason="its weights are .wdc files", nonfinite=tuple(nonfinite)
