@@ -193,3 +193,16 @@ def test_a_tilde_after_an_equals_sign_is_the_home_folder(pair, made_diff, tmp_pa
     assert result.exit_code == 0, result.output
     assert (tmp_path / "home" / "out" / "SHA256SUMS").is_file() and not (tmp_path / "~").exists()
     assert f"into {tmp_path / 'home' / 'out'}" in result.output
+
+
+def test_the_2023_scripts_other_flags_are_taken_with_a_note(pair, made_diff, tmp_path):
+    # Commands copied from 2023 READMEs carry fire's flags; they stopped with click's "No such option".
+    raw, _ = pair
+    out = tmp_path / "recovered"
+    command = [sys.executable, str(REPO / "scripts" / "weight_diff.py"), "recover", "--path_raw", str(raw),
+               "--device", "cuda", "--path_diff", str(made_diff), "--test_inference=False",
+               "--path_tuned", str(out), "--check_integrity_naively"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "note: --device cuda, --test_inference=False, --check_integrity_naively: the 2023 script's" in result.stderr
+    assert "verified: 21 tensors match the publisher's manifest" in result.stdout
