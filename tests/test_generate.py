@@ -144,3 +144,13 @@ def test_bad_arguments_are_usage_errors(pair, args, message):
 
     assert code == 2
     assert message in err
+
+
+def test_metas_original_checkpoint_is_refused_with_what_to_do(pair, tmp_path):
+    # transformers' "Unrecognized model" was all it said.
+    from conftest import load_tensors
+    from weight_diff.tiny_llama import save_meta_dir, tiny_config
+
+    meta = save_meta_dir(tmp_path / "LLaMA" / "7B", load_tensors(pair[0]), config=tiny_config(), shards=1)
+    code, _, err = generate(meta, "--prompt", PROMPT)
+    assert code == 2 and "Meta's original checkpoint" in err and "recover --path_raw" in err, err

@@ -45,8 +45,14 @@ def generate(
         raise UsageError(f"--dtype {dtype}: choose {', '.join(DTYPES)}")
     with Checkpoint.open(directory) as checkpoint:
         kind, evidence = classify(checkpoint)
+        layout = checkpoint.layout
     if kind == "diff":
         raise UsageError(f"{directory}: a weight diff, not a model ({evidence}); recover the model first")
+    if layout == "meta":  # weight-diff reads it as its 2023 conversion; transformers loads only that conversion
+        raise UsageError(
+            f"{directory}: Meta's original checkpoint (params.json, consolidated.*.pth), which transformers does not "
+            "load; generate from a model recovered from it (recover --path_raw with this folder)"
+        )
 
     import torch
     from transformers import AutoModelForCausalLM
