@@ -18,7 +18,7 @@ except ImportError:  # a checkout that was not installed
     from weight_diff.cli import main
 
 FLAGS_2023 = ("--device", "--test_inference", "--check_integrity_naively")
-VALUES_2023 = {"true", "false", "cpu", "cuda", "mps"}  # what fire read after them
+VALUES_2023 = {"true", "false", "yes", "no", "cpu", "cuda", "mps"}  # what fire read after them (and numbers)
 
 
 def without_2023_flags(args: list[str]) -> tuple[list[str], list[str]]:
@@ -35,7 +35,7 @@ def without_2023_flags(args: list[str]) -> tuple[list[str], list[str]]:
             following = next(rest, None)
             if following is None:
                 break
-            if following.lower() in VALUES_2023 or following.lower().startswith("cuda:"):
+            if following.lower() in VALUES_2023 or following.lower().startswith("cuda:") or following.isdigit():
                 dropped[-1] += f" {following}"
             else:
                 kept.append(following)

@@ -217,3 +217,15 @@ def test_a_template_file_jinja_cannot_parse_is_refused_before_anything_is_writte
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert f"--chat-template {template}: not a valid Jinja template (line 1:" in result.output
     assert not out.exists()
+
+
+def test_a_template_with_transformers_generation_tag_is_taken(pair, diff, tmp_path):
+    # {% generation %} marks the assistant's tokens for transformers (return_assistant_tokens_mask); plain Jinja
+    # does not know the tag, and it was refused.
+    template = tmp_path / "masked.jinja"
+    template.write_text(
+        "{% for message in messages %}{% if message['role'] == 'assistant' %}{% generation %}"
+        "{{ message['content'] }}{% endgeneration %}{% else %}{{ message['content'] }}{% endif %}{% endfor %}"
+    )
+    out = recover(pair[0], diff, tmp_path / "out", "--chat-template", template)
+    assert apply(out, CONVERSATION[1:3]) == "Capital of France?Paris."

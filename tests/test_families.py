@@ -326,5 +326,5 @@ def test_a_family_that_stores_embeddings_whole_forced_on_a_diff_of_them_is_refus
     assert "takes model.embed_tokens.weight as stored whole" in result.output or "lm_head.weight as stored whole" in (
         result.output
     ), result.output
-    assert "omit --family" in result.output
+    assert "does not follow that family's rule" in result.output and "--family" in result.output
     assert not out.exists() or not any(out.iterdir())

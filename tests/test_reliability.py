@@ -405,7 +405,45 @@ def test_a_ctrl_c_that_comes_while_torch_loads_stops_the_run_once_it_has_loaded(
         timeout=120,
     )
     assert done.returncode == 130, (done.returncode, done.stderr)
-    assert done.stderr.strip() == "error: interrupted before anything was written; run the same command again"
+    assert done.stderr.splitlines() == [
+        "stopping once the libraries have loaded (press Ctrl-C again to stop now)",
+        "error: interrupted before anything was written; run the same command again",
+    ]
+    assert not out.exists()
+
+
+CTRL_C_TWICE_WHILE_TORCH_LOADS = """
+import os, signal, sys, time
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.fx":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C: a load that hangs need not be waited for
+            time.sleep(30)
+sys.meta_path.insert(0, CtrlC())
+from weight_diff.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_second_ctrl_c_while_torch_loads_stops_at_once(pair, made_diff, tmp_path):
+    raw, _ = pair
+    out = tmp_path / "out"
+    args = ["recover", "--path_raw", raw, "--path_diff", made_diff, "--path_tuned", out]
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", CTRL_C_TWICE_WHILE_TORCH_LOADS, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 130 and time.monotonic() - started < 25, (done.returncode, done.stderr)
+    assert done.stderr.splitlines() == [
+        "stopping once the libraries have loaded (press Ctrl-C again to stop now)",
+        "error: interrupted before anything was written; run the same command again",
+    ]
     assert not out.exists()
 
 

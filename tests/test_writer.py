@@ -147,6 +147,31 @@ def test_o_direct_refused_at_a_write_keeps_every_later_byte_in_order(tmp_path, m
     assert (tmp_path / "f").read_bytes() == expected
 
 
+def test_a_short_direct_write_then_a_refusal_writes_each_byte_once(tmp_path, monkeypatch):
+    # The fallback wrote the whole buffer again from where the disk's copy ended, after a short write had put
+    # part of it there already: those bytes came twice.
+    import fcntl
+
+    real_write, calls = os.write, []
+
+    def short_then_refuse(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real_write(fd, memoryview(data)[: 2 * 4096])
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writer_module.os, "write", short_then_refuse)
+    block = aligned_bytes(8 * 4096)
+    block.copy_(torch.randint(0, 256, block.shape, dtype=torch.uint8))
+    file = writer_module.StagedFile(tmp_path / "f")
+    file.write(tensor_bytes(block))
+    file.finish()
+    assert len(calls) == 2 and not file.direct
+    assert (tmp_path / "f").read_bytes() == bytes(tensor_bytes(block))
+
+
 def test_a_file_system_without_o_direct_falls_back_to_buffered_writes(tmp_path, monkeypatch):
     real_open = os.open
 

@@ -17,6 +17,7 @@ from weight_diff.inspect_dir import _describe_recovery
 from weight_diff.jobs import recover
 from weight_diff.manifest import RECOVERY_NAME, SUMS_NAME, read_sums
 from weight_diff.output import JOURNAL_NAME
+from weight_diff.xor import detect_files
 
 
 def _xor(payload: bytes, base: bytes) -> bytes:
@@ -297,3 +298,38 @@ def test_a_family_forced_on_the_other_kind_of_diff_is_refused_by_name(publisher,
     xor_on_tensors = _cli_recover(pair[0], legacy_diff, tmp_path / "b", "--family", "openassistant-xor")
     assert xor_on_tensors.exit_code == 2 and "not an XOR payload" in xor_on_tensors.output, xor_on_tensors.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_payload_whose_configs_share_a_long_start_and_that_ships_a_file_in_clear_is_still_one(tmp_path):
+    # Two LLaMA configs alike in their first hundred bytes XOR to zeros there; a training_args.bin in clear is a
+    # torch zip that opens as it is. Neither makes the payload a damaged diff.
+    import torch
+
+    raw, tuned, payload = tmp_path / "raw", tmp_path / "tuned", tmp_path / "payload"
+    for d in (raw, tuned, payload):
+        d.mkdir()
+    common = {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"}
+    rng = numpy.random.default_rng(1)
+    files = {
+        "config.json": (json.dumps({**common, "vocab_size": 32000}).encode(),
+                        json.dumps({**common, "vocab_size": 32016}).encode()),
+        "pytorch_model.bin": (rng.bytes(50_000), rng.bytes(50_000)),
+    }  # fmt: skip
+    assert files["config.json"][0][:100] == files["config.json"][1][:100]
+    for name, (raw_bytes, tuned_bytes) in files.items():
+        (raw / name).write_bytes(raw_bytes)
+        (tuned / name).write_bytes(tuned_bytes)
+        (payload / name).write_bytes(_xor(tuned_bytes, raw_bytes))
+    result = _cli_recover(raw, payload, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "family: openassistant-xor" in result.output
+    assert (tmp_path / "out" / "pytorch_model.bin").read_bytes() == files["pytorch_model.bin"][1]
+    assert (tmp_path / "out" / "config.json").read_bytes() == files["config.json"][1]
+    torch.save({"learning_rate": 1e-5}, payload / "training_args.bin")  # not a model's weights: no evidence
+    assert detect_files(payload) is not None and detect_files(payload)[0] == "same-name"
+
+
+def test_a_config_json_with_a_byte_order_mark_is_json(tmp_path):
+    # On the hub only the small files are here when the kind of diff is told: no weight file to look at.
+    (tmp_path / "config.json").write_bytes(b'\xef\xbb\xbf{"vocab_size": 32000}')
+    assert detect_files(tmp_path) is None

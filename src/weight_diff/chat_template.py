@@ -54,11 +54,21 @@ def resolve_template(value: str) -> str:
 def _check_syntax(value: str, text: str) -> None:
     """Refuse, before anything is written, a template that Jinja cannot parse (every tool would fail on it later).
 
-    jinja2 comes with torch; transformers renders templates with it, loop controls enabled."""
+    jinja2 comes with torch; transformers renders templates with it, loop controls and its generation tag on."""
     import jinja2
+    import jinja2.ext
+
+    class Generation(jinja2.ext.Extension):
+        """transformers' ``{% generation %}...{% endgeneration %}``, which marks the assistant's tokens."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
     try:
-        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols", Generation]).parse(text)
     except jinja2.TemplateSyntaxError as exc:
         raise UsageError(
             f"--chat-template {value}: not a valid Jinja template (line {exc.lineno}: {exc.message})"

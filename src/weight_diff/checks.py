@@ -196,8 +196,9 @@ def sample_whole(
             continue
         if job.raw.shape[1:] != job.other.shape[1:] or job.other.rows < job.raw.rows:
             continue  # stored whole because raw's is of another width: nothing to hold it against
-        rows = max(1, min(job.raw.rows, limit // max(1, job.raw.row_numel)))  # rows both have (vocabulary: raw's)
-        yield job.name, raw.read_rows(job.raw, 0, rows), other.read_rows(job.other, 0, rows)
+        rows = max(1, min(job.raw.rows, limit // max(1, job.raw.row_numel)))
+        start = (job.raw.rows - rows) // 2  # raw's rows, from the middle: away from special tokens
+        yield job.name, raw.read_rows(job.raw, start, start + rows), other.read_rows(job.other, start, start + rows)
 
 
 def describe_config(config: dict) -> str:
@@ -363,8 +364,8 @@ def magnitude_finding(evidence: Evidence, *, other_role: str) -> Finding:
             MAGNITUDES,
             REFUSE,
             f"magnitudes: the rule applied takes {name} as stored whole, but the {other_role}'s {name} is "
-            f"{small[name]:.1%} of raw's rms: a difference, not a tuned tensor. The {other_role} is not of the family "
-            f"chosen; omit --family, or give the one its README names; {FORCE_HINT}",
+            f"{small[name]:.1%} of raw's rms: a difference, not a tuned tensor, so the {other_role} does not follow "
+            f"that family's rule. Give the family its README names with --family (or omit a wrong one); {FORCE_HINT}",
         )
     ratios = evidence.ratios()
     if not ratios:

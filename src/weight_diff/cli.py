@@ -70,7 +70,7 @@ def reports_errors(command: Callable) -> Callable:
         context = click.get_current_context()
         debug = context.find_root().params.get("debug", False)
         held: list[int] = []  # signals that came while the libraries loaded
-        previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in STOP_SIGNALS}
+        previous = {signum: signal.signal(signum, functools.partial(_hold, held)) for signum in STOP_SIGNALS}
         try:
             try:
                 _load_libraries()
@@ -90,7 +90,7 @@ def reports_errors(command: Callable) -> Callable:
             if debug:
                 raise
             message = str(error)
-            if "--resume" not in message:  # a run stopped by what it found: say where it can go on from
+            if "--" not in message:  # a run stopped by what it found, and its own advice names no option
                 message += _kept(
                     context.info_name, kwargs.get(OUTPUTS.get(context.info_name, "")), bool(kwargs.get("overwrite"))
                 )
@@ -119,6 +119,16 @@ def reports_errors(command: Callable) -> Callable:
                     signal.signal(signum, handler)
 
     return wrapper
+
+
+def _hold(held: list[int], signum: int, frame) -> None:
+    """While the libraries load: note the first stop and say it is coming; a second stops at once (nothing has
+    been written yet), for a load that hangs."""
+    if held:
+        sys.stderr.write("error: interrupted before anything was written; run the same command again\n")
+        os._exit(130)
+    held.append(signum)
+    sys.stderr.write("stopping once the libraries have loaded (press Ctrl-C again to stop now)\n")
 
 
 def _load_libraries() -> None:
@@ -172,9 +182,14 @@ def _path_option(name: str, help_text: str) -> Callable:
         name,
         required=True,
         type=click.Path(),
-        callback=lambda context, parameter, value: os.path.expanduser(value) if value.startswith("~") else value,
+        callback=_home,
         help=help_text,
     )
+
+
+def _home(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+    """Expand a leading ``~``, which the shell leaves alone after ``=`` (``--path_tuned=~/x``)."""
+    return os.path.expanduser(value) if value and value.startswith("~") else value
 
 
 _common_output_options = [
@@ -547,6 +562,7 @@ Examples:
     "diff_dir",
     type=click.Path(),
     default=None,
+    callback=_home,
     help="Also check the model's tensors against this diff's manifest.",
 )
 @reports_errors

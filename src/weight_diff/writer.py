@@ -131,7 +131,8 @@ class StagedFile:
 
     def _flush_staging(self, view: memoryview) -> None:
         """Write staged, aligned bytes; a file system that accepted O_DIRECT at open but refuses the write
-        (EINVAL: a larger block size, say) gets the rest of the file buffered."""
+        (EINVAL: a larger block size, say) gets the rest of the file buffered, from where the disk's copy ends."""
+        before = self._on_disk
         try:
             self._write_all(view)
         except OSError as exc:
@@ -141,7 +142,7 @@ class StagedFile:
             os.lseek(buffered, self._on_disk, os.SEEK_SET)
             os.close(self._fd)
             self._fd, self.direct = buffered, False
-            self._write_all(view)
+            self._write_all(view[self._on_disk - before :])  # a short write before the refusal is on disk already
 
     def _write_all(self, view: memoryview) -> None:
         while view:

@@ -37,6 +37,8 @@ BELLE_KEY = "consolidated.00.pth"
 _BELLE_NAME = re.compile(r"(.+)\.([0-9a-f]{64})\.enc")
 CLEAR_FILES = ("added_tokens.json",)  # shipped in clear and copied, as xor_codec.py does
 # Files of a hub clone that are not part of the payload: never XORed, never required from raw.
+CONFIG_READ = 2**20
+WEIGHT_NAME = re.compile(r"(pytorch_model|model)(-\d+-of-\d+)?\.(bin|safetensors)")
 NOT_PAYLOAD = re.compile(r"(README(\.md)?|\.gitattributes|LICEN[CS]E.*|.*\.(md5|sha256|chk|txt)|SHA256SUMS)$", re.I)
 _SUM_LINE = re.compile(r"^\s*([0-9a-fA-F]{64}|[0-9a-fA-F]{32})\s+\*?(?:\S*/)?([^/\s]+)\s*$")
 
@@ -85,17 +87,20 @@ def looks_xor(directory: Path) -> str | None:
     config = directory / CONFIG_NAME
     if not config.is_file():
         return None
-    with config.open("rb") as file:  # the first bytes only: never a whole file, which may be anything
-        data = file.read(64).lstrip()
-    if data.startswith(b"{") or not data.strip(b"\0") or any(_plain_weights(p) for p in directory.iterdir()):
+    with config.open("rb") as file:  # a config is small; more than that is not one, and is not read whole
+        data = file.read(CONFIG_READ)
+    if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):  # JSON, perhaps after a byte-order mark
+        return None
+    if not data.strip(b"\0") or not data.strip() or any(_plain_weights(p) for p in directory.iterdir()):
         return None
     return f"{CONFIG_NAME} is not JSON: every file is XOR-encoded against the raw model's file of the same name"
 
 
 def _plain_weights(path: Path) -> bool:
-    """Whether a file is a weight file that opens as it is: a torch zip (``PK\\x03\\x04``) or safetensors (a
-    JSON header after its 8-byte length). XOR-encoded against the raw file, those first bytes come out zero."""
-    if not path.name.endswith((".bin", ".safetensors")) or not path.is_file():
+    """Whether a file is a model's weight file that opens as it is: a torch zip (``PK\\x03\\x04``) or safetensors
+    (a JSON header after its 8-byte length). XOR-encoded against the raw file, those first bytes come out zero.
+    Other files (``training_args.bin``) may ship in clear in a payload."""
+    if not WEIGHT_NAME.fullmatch(path.name) or not path.is_file():
         return False
     with path.open("rb") as file:
         head = file.read(9)
