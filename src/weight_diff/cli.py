@@ -83,26 +83,20 @@ def reports_errors(command: Callable) -> Callable:
         except KeyboardInterrupt:
             if debug:
                 raise
-            out = kwargs.get(OUTPUTS.get(context.info_name, ""))
-            error = Interrupted(_interrupted(context.info_name, out, overwrite=bool(kwargs.get("overwrite"))))
+            error = Interrupted(_interrupted(context.info_name, kwargs))
             raise _Stop(str(error), error.exit_code) from None
         except WeightDiffError as error:
             if debug:
                 raise
             message = str(error)
             if "--" not in message:  # a run stopped by what it found, and its own advice names no option
-                message += _kept(
-                    context.info_name, kwargs.get(OUTPUTS.get(context.info_name, "")), bool(kwargs.get("overwrite"))
-                )
+                message += _kept(context.info_name, kwargs)
             raise _Stop(message, error.exit_code) from None
         except OSError as error:
             if debug:
                 raise
             where = f"{error.filename}: " if error.filename else ""
-            kept = _kept(
-                context.info_name, kwargs.get(OUTPUTS.get(context.info_name, "")), bool(kwargs.get("overwrite"))
-            )
-            raise _Stop(f"{where}{error.strerror or error}{kept}", 1) from None
+            raise _Stop(f"{where}{error.strerror or error}{_kept(context.info_name, kwargs)}", 1) from None
         except (click.ClickException, click.Abort, click.exceptions.Exit, SystemExit):
             raise
         except Exception as error:  # a bug or a case nobody foresaw: still one line, and how to learn more
@@ -143,34 +137,35 @@ def _load_libraries() -> None:
     import zstandard  # noqa: F401
 
 
-def _interrupted(command: str | None, out: str | None, *, overwrite: bool = False) -> str:
-    """Say what an interruption left: a run to resume only where a writing command left its journal."""
-    if command not in OUTPUTS:
-        return "interrupted"
+def _resume_with(command: str | None, options: dict) -> str | None:
+    """Return how to go on ("--resume", or "--resume in place of --overwrite") where a writing command left the
+    journal of its finished shards in its output, None where it left nothing to resume."""
+    out = options.get(OUTPUTS.get(command or "", ""))
+    if not out:
+        return None
     try:
         from .output import JOURNAL_NAME
     except Exception:  # stopped while torch was still being imported (it cannot be imported again): nothing written
-        return "interrupted before anything was written; run the same command again"
-    if out and (Path(out) / JOURNAL_NAME).is_file():
-        how = "--resume in place of --overwrite" if overwrite else "--resume"
+        return None
+    if not (Path(out) / JOURNAL_NAME).is_file():
+        return None
+    return "--resume in place of --overwrite" if options.get("overwrite") else "--resume"
+
+
+def _interrupted(command: str | None, options: dict) -> str:
+    """Say what an interruption left: a run to resume only where a writing command left its journal."""
+    if command not in OUTPUTS:
+        return "interrupted"
+    how = _resume_with(command, options)
+    if how:
         return f"interrupted; finished shards were kept. Run the same command with {how} to continue"
     return "interrupted before anything was written; run the same command again"
 
 
-def _kept(command: str | None, out: str | None, overwrite: bool) -> str:
-    """After a system error (a disk that fails, a folder made read-only): say how to continue where a writing
-    command left its journal of finished shards."""
-    if command not in OUTPUTS or not out:
-        return ""
-    try:
-        from .output import JOURNAL_NAME
-
-        if (Path(out) / JOURNAL_NAME).is_file():
-            how = "--resume in place of --overwrite" if overwrite else "--resume"
-            return f"; the shards finished before were kept: once that is fixed, run the same command with {how}"
-    except Exception:  # torch not importable any more: nothing was written
-        pass
-    return ""
+def _kept(command: str | None, options: dict) -> str:
+    """After an error that stopped a run (a damaged input, a failing disk): how to go on from its finished shards."""
+    how = _resume_with(command, options)
+    return f"; the shards finished before were kept: once that is fixed, run the same command with {how}" if how else ""
 
 
 def _path_option(name: str, help_text: str) -> Callable:
