@@ -207,15 +207,26 @@ def test_the_flag_wins_over_a_chat_template_jinja_in_the_diff(pair, diff_with_ji
     assert apply(out, HI) == "<s><|user|>\nHi\n<|assistant|>\n"
 
 
-def test_a_template_file_jinja_cannot_parse_is_refused_before_anything_is_written(pair, diff, tmp_path):
-    # It was written, and generate then failed with "unexpected TemplateSyntaxError ... report it".
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("{% for message in messages %}{{ message['content'] }}{% endfor %", "not a valid Jinja template (line 1:"),
+        ("{% for m in messages %}{{ m['content'] | trimm }}{% endfor %}", "No filter named 'trimm'"),
+        ("{% break %}{{ messages }}", "not a valid Jinja template"),
+        ('{"chat_template": "{{ messages }}", "bos_token": "<s>"}', "a JSON file, not a template"),
+    ],
+    ids=["unclosed", "unknown-filter", "break-outside-loop", "tokenizer-config"],
+)
+def test_a_template_file_that_will_not_compile_is_refused_before_anything_is_written(pair, diff, tmp_path, text, said):
+    # Each was written, and generate (or any tool) then failed on it: "unexpected TemplateSyntaxError ... report
+    # it". Parsing alone let an unknown filter or a break outside a loop through.
     template = tmp_path / "broken.jinja"
-    template.write_text("{% for message in messages %}{{ message['content'] }}{% endfor %")
+    template.write_text(text)
     out = tmp_path / "out"
     args = ["recover", "--path_raw", pair[0], "--path_diff", diff, "--path_tuned", out, "--chat-template", template]
     result = CliRunner().invoke(main, [str(arg) for arg in args])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert f"--chat-template {template}: not a valid Jinja template (line 1:" in result.output
+    assert f"--chat-template {template}: " in result.output and said in result.output, result.output
     assert not out.exists()
 
 

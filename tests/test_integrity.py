@@ -195,7 +195,7 @@ def test_a_diff_file_downloaded_again_after_damage_lets_resume_finish(pair, made
     raw, _ = pair
     reference = tmp_path / "reference"
     recover(raw, made_diff, reference, max_shard_size="100KB")
-    diff = copy_dir(made_diff)
+    diff = copy_dir(made_diff, "models--org--diff")  # "--" in a path, as in a hub cache's, is no option
     damaged = flip_byte_inside(diff, "model.norm.weight")  # in the diff's last shard
     out = tmp_path / "out"
     args = ["recover", "--path_raw", raw, "--path_diff", diff, "--path_tuned", out, "--max-shard-size", "100KB", "-q"]

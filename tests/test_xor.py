@@ -333,3 +333,35 @@ def test_a_config_json_with_a_byte_order_mark_is_json(tmp_path):
     # On the hub only the small files are here when the kind of diff is told: no weight file to look at.
     (tmp_path / "config.json").write_bytes(b'\xef\xbb\xbf{"vocab_size": 32000}')
     assert detect_files(tmp_path) is None
+
+
+def test_a_payload_whose_config_did_not_change_is_still_one(tmp_path):
+    # tuned's config.json equal to raw's XORs to zeros: beside weight files that do not open, still a payload.
+    raw, tuned, payload = tmp_path / "raw", tmp_path / "tuned", tmp_path / "payload"
+    for d in (raw, tuned, payload):
+        d.mkdir()
+    config = json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 32000}).encode()
+    rng = numpy.random.default_rng(2)
+    files = {"config.json": (config, config), "pytorch_model.bin": (rng.bytes(40_000), rng.bytes(40_000))}
+    for name, (raw_bytes, tuned_bytes) in files.items():
+        (raw / name).write_bytes(raw_bytes)
+        (tuned / name).write_bytes(tuned_bytes)
+        (payload / name).write_bytes(_xor(tuned_bytes, raw_bytes))
+    assert not (payload / "config.json").read_bytes().strip(b"\0")
+    result = _cli_recover(raw, payload, tmp_path / "out")
+    assert result.exit_code == 0 and "family: openassistant-xor" in result.output, result.output
+    assert (tmp_path / "out" / "pytorch_model.bin").read_bytes() == files["pytorch_model.bin"][1]
+
+
+def test_a_compact_diff_whose_config_json_is_damaged_is_not_taken_for_an_xor_payload(pair, tmp_path):
+    raw, tuned = pair
+    diff = tmp_path / "diff"
+    recover_result = CliRunner().invoke(
+        main, ["make-diff", "--path_raw", str(raw), "--path_tuned", str(tuned), "--path_diff", str(diff),
+               "--format", "compact", "-q"]
+    )  # fmt: skip
+    assert recover_result.exit_code == 0, recover_result.output
+    (diff / "config.json").write_bytes(b"<html>502 Bad Gateway</html>")
+    result = _cli_recover(raw, diff, tmp_path / "out")
+    assert result.exit_code != 0 and "xor" not in result.output.lower(), result.output
+    assert "config.json" in result.output and "Traceback" not in result.output

@@ -8,6 +8,7 @@ without its one BOS is not the training format (llama.cpp drops a leading BOS it
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .errors import UsageError
@@ -52,9 +53,30 @@ def resolve_template(value: str) -> str:
 
 
 def _check_syntax(value: str, text: str) -> None:
-    """Refuse, before anything is written, a template that Jinja cannot parse (every tool would fail on it later).
+    """Refuse, before anything is written, a template that will not compile where it is used: with transformers'
+    own compiler (its filters, globals and ``{% generation %}`` tag) where it has one, else with Jinja's (jinja2
+    comes with torch) and loop controls. Parsing alone let through an unknown filter or a ``break`` outside a loop.
+    """
+    import jinja2
 
-    jinja2 comes with torch; transformers renders templates with it, loop controls and its generation tag on."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template as compile_template
+    except ImportError:  # a transformers without it: Jinja's own compiler, with what transformers adds to it
+        compile_template = _jinja_compile
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):  # a tokenizer_config.json, say: as a template it would render as itself
+        raise UsageError(f"--chat-template {value}: a JSON file, not a template; give the template's own text")
+    try:
+        compile_template(text)
+    except (jinja2.TemplateError, SyntaxError) as exc:
+        where = f"line {exc.lineno}: " if getattr(exc, "lineno", None) else ""
+        raise UsageError(f"--chat-template {value}: not a valid Jinja template ({where}{exc})") from None
+
+
+def _jinja_compile(text: str) -> None:
     import jinja2
     import jinja2.ext
 
@@ -67,9 +89,4 @@ def _check_syntax(value: str, text: str) -> None:
             next(parser.stream)
             return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
-    try:
-        jinja2.Environment(extensions=["jinja2.ext.loopcontrols", Generation]).parse(text)
-    except jinja2.TemplateSyntaxError as exc:
-        raise UsageError(
-            f"--chat-template {value}: not a valid Jinja template (line {exc.lineno}: {exc.message})"
-        ) from None
+    jinja2.Environment(extensions=["jinja2.ext.loopcontrols", Generation]).from_string(text)

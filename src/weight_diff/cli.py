@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import sys
 import threading
@@ -58,6 +59,8 @@ def _interrupt_once(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+# An option named in a message's advice ("--dtype bfloat16"), not a path that holds "--" (a hub cache's).
+ADVISES_OPTION = re.compile(r"(^|[\s(`])--[a-z]")
 # The parameter naming each writing command's output: an interrupted run of these can be resumed there.
 OUTPUTS = {"recover": "path_tuned", "make-diff": "path_diff"}
 
@@ -89,7 +92,8 @@ def reports_errors(command: Callable) -> Callable:
             if debug:
                 raise
             message = str(error)
-            if "--" not in message:  # a run stopped by what it found, and its own advice names no option
+            # A run stopped by what it found while writing, whose own advice names no option: how to go on.
+            if not ADVISES_OPTION.search(message) and "Nothing was written" not in message:
                 message += _kept(context.info_name, kwargs)
             raise _Stop(message, error.exit_code) from None
         except OSError as error:

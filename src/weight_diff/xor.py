@@ -27,8 +27,10 @@ from pathlib import Path
 
 import numpy
 
+from .checkpoint import COMPACT_SUFFIX
 from .errors import IntegrityError, UsageError
 from .files import CONFIG_NAME
+from .manifest import MANIFEST_NAME
 from .writer import FILE_MODE, PARTIAL_SUFFIX, fsync_directory
 
 CHUNK = 16 * 2**20
@@ -80,18 +82,23 @@ class XorReport:
 def looks_xor(directory: Path) -> str | None:
     """Return why ``directory`` looks like an XOR payload (its config.json is not JSON), None otherwise.
 
-    A config.json that is empty or only zero bytes (a download that failed), or one beside weight files that open
-    as they are (a zip or a safetensors header: XOR-encoded ones do not), is a damaged file, not a payload: the
-    checkpoint's reader then says so, where an XOR recovery would write a broken model and report success.
+    A config.json that is empty or blank (a download that failed), or one beside weight files that open as they
+    are (a zip or a safetensors header: XOR-encoded ones do not) or beside a compact diff's files or manifest, is a
+    damaged file, not a payload: the reader then says so, where an XOR recovery would write a broken model and
+    report success. One of zero bytes is a payload's (a config XORed with an identical one) only beside weight
+    files that do not open.
     """
     config = directory / CONFIG_NAME
-    if not config.is_file():
+    if not config.is_file() or (directory / MANIFEST_NAME).is_file():  # a manifest: a diff of weight-diff's own
         return None
     with config.open("rb") as file:  # a config is small; more than that is not one, and is not read whole
         data = file.read(CONFIG_READ)
     if data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):  # JSON, perhaps after a byte-order mark
         return None
-    if not data.strip(b"\0") or not data.strip() or any(_plain_weights(p) for p in directory.iterdir()):
+    names = [p for p in directory.iterdir() if p.suffix == COMPACT_SUFFIX or WEIGHT_NAME.fullmatch(p.name)]
+    if not data.strip() or any(p.suffix == COMPACT_SUFFIX or _plain_weights(p) for p in names):
+        return None
+    if not data.strip(b"\0") and not names:  # zeros: a config XORed with an identical one, or a failed download
         return None
     return f"{CONFIG_NAME} is not JSON: every file is XOR-encoded against the raw model's file of the same name"
 
