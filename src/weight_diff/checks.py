@@ -189,8 +189,8 @@ def sample_rows(
 def sample_whole(
     jobs: Iterable, raw, other, limit: int = SAMPLE_ELEMENTS
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Yield (name, raw rows, stored rows) from the start of each tensor the rule takes as stored whole, where raw
-    has it too: a tuned tensor stored whole is about as large as raw's, a difference is not."""
+    """Yield (name, raw rows, stored rows) from the middle of raw's rows of each matrix the rule takes as stored
+    whole, where raw has it too: a tuned tensor stored whole is about as large as raw's, a difference is not."""
     for job in jobs:
         if not getattr(job, "absolute", False) or job.raw is None or len(job.raw.shape) < 2:
             continue

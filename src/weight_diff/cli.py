@@ -671,7 +671,6 @@ def inspect(path, as_json, no_hash):
     import json
 
     from .inspect_dir import inspect_path
-    from .manifest import Manifest
     from .sources.compact_files import remote_indexes
     from .sources.hub import compact_on_hub, top_level_files
     from .xor import detect_files
@@ -680,11 +679,11 @@ def inspect(path, as_json, no_hash):
     listed = top_level_files(path)
     compact = None
     if listed is not None and detect_files(directory, listed) is None:
-        if not (no_hash and compact_on_hub(path)):  # nothing to hash: a compact diff's .wdc files stay there
+        on_hub_compact = compact_on_hub(path)
+        if not (no_hash and on_hub_compact):  # nothing to hash: a compact diff's .wdc files stay there
             directory = _input_dir(path, quiet=as_json)  # then its weights, unless it is an XOR payload
-        if compact_on_hub(path):  # the files its manifest names: indexes from the cache, or by ranged requests
-            manifest = Manifest.load(directory)
-            compact = remote_indexes(path, manifest.compact_files if manifest is not None else None)
+        if on_hub_compact:  # the files its manifest names: indexes from the cache, or by ranged requests
+            compact = remote_indexes(path)
     found = inspect_path(directory, check_sums=not no_hash, listed=listed, compact=compact)
     if as_json:
         click.echo(json.dumps(found.to_dict(), indent=2))

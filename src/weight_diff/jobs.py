@@ -137,9 +137,8 @@ def recover(
             manifest = Manifest.load(diff_dir)
             promised = expected_file_sums(diff_dir, manifest)
             _check_promised(diff_dir, promised)
-            named = manifest.compact_files if manifest is not None else None
             with compact_files.open_compact_files(
-                path_diff, diff_dir, promised, named=named, keep_download=keep_download, transfer=transfer
+                path_diff, diff_dir, promised, keep_download=keep_download, transfer=transfer
             ) as wdc:
                 report = _recover_compact(
                     raw_dir, diff_dir, out, manifest, promised, wdc, dtype=dtype, max_shard_size=max_shard_size,

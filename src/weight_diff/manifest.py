@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import COMPACT_SUFFIX
 from .errors import IntegrityError
 from .untrusted import SMALL_FILE_LIMIT, load_json, read_small, resolves_inside
 
@@ -132,7 +133,7 @@ def _is_compact_file_list(names: object) -> bool:
     return (
         isinstance(names, list)
         and bool(names)
-        and all(isinstance(n, str) and n.endswith(".wdc") and n.strip(".") and "/" not in n and "\\" not in n
+        and all(isinstance(n, str) and n.endswith(COMPACT_SUFFIX) and "/" not in n and "\\" not in n
                 and not n.startswith(".") for n in names)
         and len(set(names)) == len(names)
     )  # fmt: skip

@@ -104,10 +104,10 @@ def looks_xor(directory: Path) -> str | None:
 
 
 def _plain_weights(path: Path) -> bool:
-    """Whether a file is a model's weight file that opens as it is: a torch zip (``PK\\x03\\x04``) or safetensors
-    (a JSON header after its 8-byte length). XOR-encoded against the raw file, those first bytes come out zero.
-    Other files (``training_args.bin``) may ship in clear in a payload."""
-    if not WEIGHT_NAME.fullmatch(path.name) or not path.is_file():
+    """Whether a model's weight file (``WEIGHT_NAME``: others, such as ``training_args.bin``, may ship in clear in a
+    payload) opens as it is: a torch zip (``PK\\x03\\x04``) or safetensors (a JSON header after its 8-byte
+    length). XOR-encoded against the raw file, those first bytes come out zero."""
+    if not path.is_file():
         return False
     with path.open("rb") as file:
         head = file.read(9)

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..container import SUFFIX, CompactTensor, ContainerReader, compact_files, read_index
+from ..container import CompactTensor, ContainerReader, compact_files, read_index
 from ..errors import IntegrityError
 from ..manifest import file_sha256
 from . import hub
@@ -69,18 +69,14 @@ class HubFiles:
         snapshot: Snapshot,
         promised: dict[str, str],
         *,
-        named: list[str] | None,
         keep_download: bool,
         transfer: Transfer | None,
     ) -> None:
         self.snapshot, self._promised, self._keep = snapshot, promised, keep_download
         self._transfer = transfer or hub.NoTransfer()
         self.origin = snapshot.origin
-        remote = sorted(name for name in snapshot.files if "/" not in name and name.endswith(SUFFIX))
-        # A file the diff's manifest does not name is no part of it (a leftover of an earlier upload, a copy): its
-        # user cannot remove it from the repository, so it is left there, neither read nor downloaded.
-        self.ignored = tuple(name for name in remote if named is not None and name not in named)
-        remote = [name for name in remote if name not in self.ignored]
+        # Files the diff's manifest does not name: its user cannot remove them from the repository, so they stay.
+        remote, self.ignored = hub.compact_files_of(snapshot)
         self.names = set(remote)
         self._files: dict[Path, RemoteFile] = {snapshot.local(snapshot.files[n]): snapshot.files[n] for n in remote}
         for file in self._files.values():  # before anything downloads: the hub lists LFS files' SHA-256
@@ -179,11 +175,11 @@ class HubFiles:
             self._downloads.failed(exc)
 
 
-def remote_indexes(diff: str | os.PathLike, named: list[str] | None) -> Indexes:
+def remote_indexes(diff: str | os.PathLike) -> Indexes:
     """Return the index of each ``.wdc`` file of a compact diff on the hub (those its manifest names, where it
     names them), read by ranged requests (from the cache where a file is there already): what it holds, without
     downloading it."""
-    files = HubFiles(hub.resolve(hub_spec_for(diff)), {}, named=named, keep_download=True, transfer=None)
+    files = HubFiles(hub.resolve(hub_spec_for(diff)), {}, keep_download=True, transfer=None)
     files.close()
     return files.indexes
 
@@ -194,15 +190,14 @@ def open_compact_files(
     directory: Path,
     promised: dict[str, str],
     *,
-    named: list[str] | None = None,
     keep_download: bool = True,
     transfer: Transfer | None = None,
 ) -> Iterator[LocalFiles | HubFiles]:
     """Yield the compact files of ``diff``: a local directory's, or a hub repository's (``directory`` holds its
-    small files, fetched already; ``named``: the files the diff's manifest names, None where it names none)."""
+    small files, fetched already)."""
     spec = hub_spec_for(diff)
     files = LocalFiles(directory) if spec is None else HubFiles(
-        hub.resolve(spec), promised, named=named, keep_download=keep_download, transfer=transfer
+        hub.resolve(spec), promised, keep_download=keep_download, transfer=transfer
     )  # fmt: skip
     try:
         yield files

@@ -645,6 +645,17 @@ def top_level_files(path: str | os.PathLike) -> dict[str, int] | None:
     return None if spec is None else {name: f.size for name, f in resolve(spec).files.items() if "/" not in name}
 
 
+def compact_files_of(snapshot: Snapshot) -> tuple[list[str], tuple[str, ...]]:
+    """Return the ``.wdc`` files at a repository's top that are its compact diff's, and those its manifest does not
+    name: no part of it (a leftover of an earlier upload, a copy), left on the hub, neither read nor downloaded.
+    The manifest, a small file, must be here already."""
+    remote = sorted(name for name in snapshot.files if "/" not in name and name.endswith(SUFFIX))
+    manifest = Manifest.load(snapshot.directory)
+    named = manifest.compact_files if manifest is not None else None
+    ignored = tuple(name for name in remote if named is not None and name not in named)
+    return [name for name in remote if name not in ignored], ignored
+
+
 def compact_on_hub(path: str | os.PathLike) -> bool:
     """Whether an input argument names a hub repository whose weights are a compact diff's ``.wdc`` files (a stray
     ``.wdc`` beside safetensors or ``.bin`` weights does not make one); its small files must be here already."""
@@ -687,11 +698,8 @@ def weight_files(snapshot: Snapshot) -> tuple[str, list[str]]:
     consolidated = sorted(name for name in top if re.fullmatch(r"consolidated\.\d+\.pth", name))
     if consolidated and "params.json" in top:  # Meta's original layout (sources/meta.py reads it)
         return "meta", consolidated
-    compact = sorted(name for name in top if name.endswith(SUFFIX))
-    if compact:  # a compact diff (recover reads it while it downloads: sources/compact_files.py)
-        named = Manifest.load(snapshot.directory)
-        if named is not None and named.compact_files is not None:  # others are no part of it: left on the hub
-            compact = [name for name in compact if name in named.compact_files]
+    compact, ignored = compact_files_of(snapshot)
+    if compact or ignored:  # a compact diff (recover reads it while it downloads: sources/compact_files.py)
         return "compact", compact
     # Not a layout we read: let the usual message say so from the (small) files that are here.
     find_weight_files(snapshot.directory)
